@@ -1,0 +1,23 @@
+"""Optimizer-side constraints for PyTorch: any ``torch.optim`` optimizer, parameters kept on a set."""
+
+from .audit import AuditRecord
+from .constraints import Affine, Constraint, Fixed, Invariant, Mask, Subspace, Symmetric, Tied
+from .errors import ConstraintError, ConstraintViolation
+from .optimizer import ConstrainedOptimizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Affine",
+    "AuditRecord",
+    "ConstrainedOptimizer",
+    "Constraint",
+    "ConstraintError",
+    "ConstraintViolation",
+    "Fixed",
+    "Invariant",
+    "Mask",
+    "Subspace",
+    "Symmetric",
+    "Tied",
+]

@@ -1,0 +1,347 @@
+"""Sets of tensors invariant under a symmetry: `Tied`, `Symmetric`, `Invariant`.
+
+Each is a linear subspace whose orthogonal projection is an average: over the entries that
+share a label (`Tied`), over ``W`` and its swapped/flipped copy (`Symmetric`), over a finite
+group of norm-preserving maps (`Invariant`). A group that only permutes entries (possibly with
+signs), such as the 90-degree rotations of a kernel, is resolved at attach into its orbits and
+then projected exactly like `Tied`, so tied entries are bitwise equal after every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..errors import ConstraintError, describe
+from .base import Bound, Constraint, normalize_dims, trailing_or_full
+
+
+# -- pure maths ---------------------------------------------------------------------------------
+def tied_project_(x, group_ids, counts, n_groups, weights=None) -> None:
+    """Project onto ``{x : x_i = w_i * c_g(i)}`` for one value ``c_g`` per group ``g``.
+
+    ``x`` is viewed as ``(lead, n)`` with ``group_ids`` of length ``n``; each group of every
+    leading row gets its (weighted) mean ``c_g = sum_j w_j x_j / |g|``. With ``weights`` None
+    (all ones) this is the plain group mean; weights of ``+-1`` express sign-tied entries and
+    ``0`` entries held at zero. Every member of a group receives the same value bitwise.
+    """
+    n = group_ids.numel()
+    flat = x.reshape(-1, n)
+    if weights is not None:
+        flat = flat * weights
+    sums = flat.new_zeros(flat.shape[0], n_groups).index_add_(1, group_ids, flat)
+    out = sums.div_(counts).index_select(1, group_ids)
+    if weights is not None:
+        out.mul_(weights)
+    x.copy_(out.view(x.shape))
+
+
+def swap_flip(x: torch.Tensor, dims: tuple[int, ...], flip: tuple[int, ...]) -> torch.Tensor:
+    """``T(x)``: ``x`` with ``dims`` swapped and ``flip`` reversed (an involution)."""
+    if dims:
+        x = x.transpose(*dims)
+    if flip:
+        x = x.flip(flip)
+    return x
+
+
+def symmetric_project_(x, dims, flip) -> None:
+    """Project onto ``{x : x = T(x)}``: ``x <- (x + T(x)) / 2``, bitwise symmetric since ``+``
+    commutes."""
+    x.copy_((x + swap_flip(x, dims, flip)) * 0.5)
+
+
+# -- Tied ------------------------------------------------------------------------------------------
+class Tied(Constraint):
+    """Entries with equal labels share one value: ``{W : W_i = W_j whenever labels_i = labels_j}``.
+
+    ``labels`` is an integer tensor with the parameter's shape, or its trailing shape (then the
+    pattern applies independently within each leading index). The projection sets each group
+    to its mean; gradients and first moments are averaged the same way, second moments too.
+
+    The 2x2 kernel ``[[a+b, a-b], [a-b, a+b]]`` is ``Tied([[0, 1], [1, 0]])``:
+
+    >>> import torch, constrained_optim as co
+    >>> w = torch.nn.Parameter(torch.tensor([[1.0, 2.0], [4.0, 3.0]]))
+    >>> b = co.Tied(torch.tensor([[0, 1], [1, 0]])).bind(w, "w")
+    >>> with torch.no_grad():
+    ...     b.project_(w)
+    >>> w.data
+    tensor([[2., 3.],
+            [3., 2.]])
+    """
+
+    linear = True
+
+    def __init__(self, labels):
+        labels = torch.as_tensor(labels)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ConstraintError(f"Tied: labels must be an integer tensor, got {labels.dtype}")
+        self.labels = labels
+
+    def _bind(self, param, name):
+        if trailing_or_full(param.shape, self.labels.shape) < 0:
+            raise ConstraintError(
+                f"{describe(name, param)}: Tied labels of shape {tuple(self.labels.shape)} "
+                "must have the parameter's shape or its trailing shape"
+            )
+        _, group_ids = torch.unique(self.labels.flatten(), return_inverse=True)
+        return TiedBound(self, name, param, group_ids)
+
+    def __repr__(self):
+        return f"Tied({int(self.labels.unique().numel())} groups of {self.labels.numel()})"
+
+
+class TiedBound(Bound):
+    projects_grad = True
+
+    def __init__(self, constraint, name, param, group_ids, weights=None):
+        super().__init__(constraint, name, param)
+        n_groups = int(group_ids.max()) + 1 if group_ids.numel() else 0
+        self.group_ids = group_ids.to(param.device)
+        self.n_groups = n_groups
+        sizes = torch.bincount(group_ids, minlength=n_groups)
+        self.counts = sizes.to(device=param.device, dtype=param.dtype)
+        self.weights = None if weights is None else weights.to(param.device, param.dtype)
+        # second moments are averaged without signs; entries held at 0 are zeroed
+        self.scale_weights = None if weights is None else self.weights.abs()
+
+    def project_(self, x):
+        tied_project_(x, self.group_ids, self.counts, self.n_groups, self.weights)
+
+    def project_grad_(self, g, x):
+        self.project_(g)
+
+    def project_scale_(self, v):
+        tied_project_(v, self.group_ids, self.counts, self.n_groups, self.scale_weights)
+
+    def state_tensors(self):
+        out = {"group_ids": self.group_ids}
+        if self.weights is not None:
+            out["weights"] = self.weights
+        return out
+
+
+# -- Symmetric -------------------------------------------------------------------------------------
+class Symmetric(Constraint):
+    """Invariant under swapping ``dims`` and reversing ``flip``: ``{W : W = T(W)}``.
+
+    ``Symmetric()`` is ``W == W.T``; ``Symmetric(dims=(0, 1), flip=(2, 3))`` is
+    ``W[i, j, a, b] == W[j, i, k-1-a, k-1-b]`` (transpose-flip tied convolution filters);
+    ``Symmetric(dims=None, flip=(2, 3))`` is a point-symmetric kernel. The projection is
+    ``(W + T(W)) / 2``, bitwise symmetric.
+
+    >>> import torch, constrained_optim as co
+    >>> w = torch.nn.Parameter(torch.tensor([[1.0, 2.0], [4.0, 3.0]]))
+    >>> with torch.no_grad():
+    ...     co.Symmetric().bind(w, "w").project_(w)
+    >>> w.data
+    tensor([[1., 3.],
+            [3., 3.]])
+    """
+
+    linear = True
+
+    def __init__(self, dims=(0, 1), flip=()):
+        if dims is not None and len(tuple(dims)) not in (0, 2):
+            raise ConstraintError(f"Symmetric: dims must be a pair of dims, got {dims!r}")
+        self.dims = tuple(dims) if dims is not None else ()
+        self.flip = tuple(flip) if flip is not None else ()
+
+    def _bind(self, param, name):
+        dims = normalize_dims(self.dims, param.dim(), name, param, "Symmetric")
+        flip = normalize_dims(self.flip, param.dim(), name, param, "Symmetric flip")
+        if dims and param.shape[dims[0]] != param.shape[dims[1]]:
+            raise ConstraintError(
+                f"{describe(name, param)}: Symmetric swaps dims {dims}, which need equal sizes "
+                f"(got {param.shape[dims[0]]} and {param.shape[dims[1]]})"
+            )
+        return SymmetricBound(self, name, param, dims, flip)
+
+    def __repr__(self):
+        flip = f", flip={self.flip}" if self.flip else ""
+        return f"Symmetric(dims={self.dims}{flip})"
+
+
+class SymmetricBound(Bound):
+    projects_grad = True
+
+    def __init__(self, constraint, name, param, dims, flip):
+        super().__init__(constraint, name, param)
+        self.dims, self.flip = dims, flip
+
+    def project_(self, x):
+        symmetric_project_(x, self.dims, self.flip)
+
+    def gap(self, x):
+        return (x - swap_flip(x, self.dims, self.flip)) * 0.5
+
+    def project_grad_(self, g, x):
+        symmetric_project_(g, self.dims, self.flip)
+
+    def project_scale_(self, v):
+        symmetric_project_(v, self.dims, self.flip)
+
+
+# -- Invariant -------------------------------------------------------------------------------------
+class Invariant(Constraint):
+    """Invariant under a finite group ``G`` of norm-preserving linear maps: ``{W : g(W) = W, g in G}``.
+
+    The projection is the group average ``(1/|G|) sum_g g(W)``. ``group`` is a sequence of
+    callables taking and returning a tensor of the parameter's shape; the set must be closed
+    under composition (then it is a group), which attach checks. Maps that permute entries
+    (with signs) are resolved at attach into orbits and projected like `Tied`.
+
+    >>> import torch, constrained_optim as co
+    >>> w = torch.nn.Parameter(torch.arange(9.0).view(3, 3))
+    >>> with torch.no_grad():
+    ...     co.Invariant.rotations().bind(w, "w").project_(w)
+    >>> w.data
+    tensor([[4., 4., 4.],
+            [4., 4., 4.],
+            [4., 4., 4.]])
+    """
+
+    linear = True
+
+    def __init__(self, group: Sequence[Callable[[torch.Tensor], torch.Tensor]], name=None):
+        self.group = list(group)
+        if not self.group or not all(callable(g) for g in self.group):
+            raise ConstraintError("Invariant: group must be a non-empty sequence of callables")
+        self.name = name
+
+    @classmethod
+    def rotations(cls, dims=(-2, -1)) -> Invariant:
+        """The group of 90-degree rotations in the plane of ``dims`` (a kernel's spatial dims)."""
+        dims = tuple(dims)
+        return cls([lambda x, k=k: torch.rot90(x, k, dims) for k in range(4)],
+                   name=f"rotations(dims={dims})")
+
+    def _bind(self, param, name):
+        probe = torch.arange(1, param.numel() + 1, dtype=torch.float64, device=param.device)
+        probe = probe.view(param.shape)
+        images = [self._apply(g, probe, param, name) for g in self.group]
+        perms = [signed_permutation(img, probe) for img in images]
+        if all(p is not None for p in perms) and acts_as(self.group, perms, param):
+            group_ids, weights = orbits(perms, describe(name, param))
+            return TiedBound(self, name, param, group_ids, weights)
+        check_group(self, param, name)
+        return GroupAverageBound(self, name, param)
+
+    def _apply(self, g, x, param, name):
+        try:
+            y = g(x)
+        except Exception as err:  # a user's callable: any failure means it can't take this shape
+            raise ConstraintError(f"{describe(name, param)}: {self!r} map failed: {err}") from None
+        if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+            shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ConstraintError(
+                f"{describe(name, param)}: {self!r} map returned {shape}, "
+                f"expected a tensor of shape {tuple(x.shape)}"
+            )
+        return y
+
+    def __repr__(self):
+        return f"Invariant({self.name or f'{len(self.group)} maps'})"
+
+
+class GroupAverageBound(Bound):
+    projects_grad = True
+
+    def __init__(self, constraint, name, param):
+        super().__init__(constraint, name, param)
+        self.group = constraint.group
+
+    def project_(self, x):
+        total = sum(g(x) for g in self.group)
+        x.copy_(total / len(self.group))
+
+    def project_grad_(self, g, x):
+        self.project_(g)
+
+
+def signed_permutation(image: torch.Tensor, probe: torch.Tensor):
+    """``(perm, sign)`` with ``image.flatten() == sign * probe.flatten()[perm]`` if ``image`` is a
+    signed permutation of ``probe = 1..n``, else None."""
+    flat = image.flatten()
+    mag = flat.abs()
+    perm = mag.round().long() - 1
+    n = flat.numel()
+    if not torch.equal(mag, mag.round()) or perm.min() < 0 or perm.max() >= n:
+        return None
+    if not torch.equal(torch.sort(perm).values, torch.arange(n, device=perm.device)):
+        return None
+    return perm, flat.sign()
+
+
+def acts_as(group, perms, param) -> bool:
+    """Whether each map really is its signed permutation (on a random probe, not just ``1..n``)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    z = torch.randn(param.shape, generator=gen, dtype=torch.float64).to(param.device)
+    flat = z.flatten()
+    return all(torch.equal(g(z).flatten(), sign * flat[perm]) for g, (perm, sign) in zip(group, perms))
+
+
+def orbits(perms, who: str):
+    """Group ids and +-1/0 weights of the orbits of a signed-permutation group.
+
+    For a group, the orbit of entry ``i`` is ``{perm_g(i)}``, so its smallest member is a label.
+    Invariance ties ``x_i = s * x_rep`` with the sign of any map sending ``i`` to the
+    representative; an entry reached with both signs forces its orbit to 0 (weight 0).
+    """
+    check_closed(perms, who)
+    p = torch.stack([q for q, _ in perms])
+    s = torch.stack([sg for _, sg in perms])
+    rep = p.min(0).values
+    hits = p == rep
+    big = torch.full_like(s, 2.0)
+    high = torch.where(hits, s, -big).max(0).values
+    low = torch.where(hits, s, big).min(0).values
+    consistent = high == low
+    _, group_ids = torch.unique(rep, return_inverse=True)
+    n_groups = int(group_ids.max()) + 1
+    ok_group = torch.ones(n_groups, dtype=torch.bool, device=rep.device)
+    ok_group.scatter_reduce_(0, group_ids, consistent, reduce="amin")
+    weights = torch.where(ok_group[group_ids], high, torch.zeros_like(high))
+    return group_ids, (None if bool((weights == 1).all()) else weights)
+
+
+def check_closed(perms, who: str) -> None:
+    """Raise unless the signed permutations are closed under composition."""
+    n = perms[0][0].numel()
+    codes = [(sg * (q + 1)).long() for q, sg in perms]
+    weights = torch.randn(n, dtype=torch.float64, device=codes[0].device)
+    index = {}
+    for k, c in enumerate(codes):
+        index.setdefault(float((c.double() * weights).sum()), []).append(k)
+    for qg, sg in perms:
+        for qh, sh in perms:
+            # (g o h)(x)_i = s_g(i) s_h(pi_g(i)) x[pi_h(pi_g(i))]
+            code = (sg * sh[qg] * (qh[qg] + 1)).long()
+            key = float((code.double() * weights).sum())
+            if not any(torch.equal(code, codes[k]) for k in index.get(key, [])):
+                raise ConstraintError(
+                    f"{who}: the maps are not closed under composition, so they are not a group"
+                )
+
+
+def check_group(constraint: Invariant, param, name) -> None:
+    """Raise unless every map is linear and norm-preserving and the set is closed, numerically."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    u, v = (torch.randn(param.shape, generator=gen, dtype=torch.float64).to(param.device)
+            for _ in range(2))
+    who = f"{describe(name, param)}: {constraint!r}"
+    images = [constraint._apply(g, u, param, name) for g in constraint.group]
+    scale = float(u.norm())
+    for g, gu in zip(constraint.group, images):
+        if abs(float(gu.norm()) - scale) > 1e-9 * scale:
+            raise ConstraintError(f"{who}: a map does not preserve the norm")
+        if not torch.allclose(g(2.0 * u - 3.0 * v), 2.0 * gu - 3.0 * g(v), rtol=1e-9, atol=1e-9):
+            raise ConstraintError(f"{who}: a map is not linear")
+    for g in constraint.group:
+        for gh in (g(hu) for hu in images):
+            if not any(torch.allclose(gh, k, rtol=1e-9, atol=1e-9 * scale) for k in images):
+                raise ConstraintError(
+                    f"{who}: the maps are not closed under composition, so they are not a group"
+                )

@@ -1,0 +1,47 @@
+"""Optimizer state at attach: what each per-parameter state tensor is, and how it is projected.
+
+A constraint added to a warm optimizer must hold from the next step, so the state already held
+for the parameter is made consistent with the set: first moments (momentum, ``exp_avg``) go onto
+the tangent space; non-negative second moments (``exp_avg_sq``) stay non-negative (zeroed on held
+entries, averaged within tied groups); a state tensor that is itself a point (ASGD's ``ax``) is
+projected onto the set. State not shaped like the parameter (LBFGS history, Adafactor's factored
+rows and columns) is left as it is; the post-step projection covers those optimizers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .constraints.base import Bound
+
+FIRST_MOMENTS = frozenset({"momentum_buffer", "exp_avg", "grad_avg", "prev"})
+SECOND_MOMENTS = frozenset(
+    {"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta", "exp_inf", "step_size"}
+)
+POINTS = frozenset({"ax"})
+
+
+def state_role(key: str, value, param: torch.Tensor) -> str | None:
+    """``"moment"``, ``"scale"``, ``"point"`` or None (not shaped like the parameter)."""
+    if not isinstance(value, torch.Tensor) or value.shape != param.shape:
+        return None
+    if key in FIRST_MOMENTS:
+        return "moment"
+    if key in SECOND_MOMENTS:
+        return "scale"
+    if key in POINTS:
+        return "point"
+    # an optimizer this table does not know: a non-negative tensor is taken for a second moment
+    return "scale" if bool((value >= 0).all()) else "moment"
+
+
+@torch.no_grad()
+def project_state_(bound: Bound, state: dict, param: torch.Tensor) -> None:
+    for key, value in state.items():
+        role = state_role(key, value, param)
+        if role == "moment":
+            bound.project_moment_(value, param)
+        elif role == "scale":
+            bound.project_scale_(value)
+        elif role == "point":
+            bound.project_point_(value)
