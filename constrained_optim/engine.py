@@ -1,0 +1,250 @@
+"""The mechanism behind `ConstrainedOptimizer` and `constrain`: bound constraints and the step.
+
+`ConstraintEngine` holds, for one optimizer, each constrained parameter's `Bound`, grouped once
+by family, device and dtype. Around the optimizer's own step it projects gradients
+(`before_step`), then projects parameters back and audits (`after_step`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from .audit import Audit, gap_stats
+from .constraints.base import Bound, Constraint
+from .errors import ConstraintError, ConstraintViolation, describe
+from .selection import parameter_names, select
+from .state import project_state_
+
+log = logging.getLogger("constrained_optim")
+
+ON_VIOLATION = ("warn", "raise", "ignore")
+
+
+def default_atol(param_norm: float, dtype: torch.dtype) -> float:
+    """A few float eps relative to the parameter's scale."""
+    return 16 * torch.finfo(dtype).eps * max(1.0, param_norm)
+
+
+class ConstraintEngine:
+    """Constraints bound to the parameters of one optimizer, and the work around its step."""
+
+    def __init__(self, optimizer, model=None, *, audit_every=1, log_every=None, tolerance=None,
+                 on_violation="warn"):
+        if not isinstance(audit_every, int) or audit_every < 0:
+            raise ConstraintError(f"audit_every must be an int >= 0, got {audit_every!r}")
+        if log_every is not None and (not isinstance(log_every, int) or log_every < 1):
+            raise ConstraintError(f"log_every must be None or an int >= 1, got {log_every!r}")
+        if tolerance is not None and not tolerance >= 0:
+            raise ConstraintError(f"tolerance must be None or >= 0, got {tolerance!r}")
+        if on_violation not in ON_VIOLATION:
+            raise ConstraintError(f"on_violation must be one of {ON_VIOLATION}, got {on_violation!r}")
+        self.optimizer = optimizer
+        self.model = model
+        self.audit_every = audit_every
+        self.log_every = log_every
+        self.tolerance = tolerance
+        self.on_violation = on_violation
+        self.audit = Audit()
+        self.steps_taken = 0
+        self.bounds: dict[nn.Parameter, Bound] = {}
+        self._groups: list[tuple[type[Bound], list[Bound], list[nn.Parameter]]] = []
+        self._measure = False
+        self._blocked: dict[nn.Parameter, torch.Tensor] = {}
+
+    # -- binding -------------------------------------------------------------------------------------
+    def attach(self, target, constraint: Constraint) -> ConstraintEngine:
+        """Constrain the parameters ``target`` names to ``constraint``'s set, from now on.
+
+        The parameters and the optimizer state already held for them are projected at once. A
+        second constraint on a parameter means the intersection. Raises `ConstraintError` and
+        changes nothing if the target matches nothing, a parameter is not held by the wrapped
+        optimizer, or the constraint cannot take a parameter's shape or dtype.
+        """
+        if not isinstance(constraint, Constraint):
+            raise ConstraintError(
+                f"attach({target!r}, ...) needs a constraint such as co.Mask(...), "
+                f"got {type(constraint).__name__}"
+            )
+        pairs = select(target, parameter_names(self.model, self.optimizer))
+        held = {p for group in self.optimizer.param_groups for p in group["params"]}
+        new: dict[nn.Parameter, Bound] = {}
+        for name, param in pairs:  # resolve everything first: a failure changes nothing
+            if param not in held:
+                raise ConstraintError(
+                    f"{describe(name, param)} is not held by the wrapped "
+                    f"{type(self.optimizer).__name__}; add it with add_param_group first"
+                )
+            bound = constraint.bind(param, name)
+            if param in self.bounds:
+                bound = combine(self.bounds[param], bound, param, name)
+            new[param] = bound
+        with torch.no_grad():
+            for param, bound in new.items():
+                bound.project_(param)
+                project_state_(bound, self.optimizer.state.get(param, {}), param)
+                self.bounds[param] = bound
+        self._regroup()
+        return self
+
+    def detach(self, target) -> ConstraintEngine:
+        """Remove every constraint from the parameters ``target`` names."""
+        pairs = select(target, parameter_names(self.model, self.optimizer))
+        bound = [p for _, p in pairs if p in self.bounds]
+        if not bound:
+            raise ConstraintError(
+                f"detach({target!r}): no constrained parameter among {[n for n, _ in pairs]}"
+            )
+        for param in bound:
+            del self.bounds[param]
+        self._regroup()
+        return self
+
+    def _regroup(self) -> None:
+        """Group bounds by family, device and dtype once, for the grouped (foreach) paths."""
+        groups: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
+        for param, bound in self.bounds.items():
+            bounds, params = groups[(type(bound), param.device, param.dtype)]
+            bounds.append(bound)
+            params.append(param)
+        self._groups = [(key[0], b, p) for key, (b, p) in groups.items()]
+
+    # -- the step ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Project every constrained parameter onto its set now."""
+        for kind, bounds, params in self._groups:
+            kind.project_all_(bounds, params)
+
+    @torch.no_grad()
+    def _project_grads_(self, measure: bool) -> dict[nn.Parameter, torch.Tensor]:
+        """Project gradients onto the tangent spaces; on audited steps, ``||g - Pg|| / ||g||``."""
+        blocked = {}
+        for kind, bounds, params in self._groups:
+            if not kind.projects_grad:
+                continue
+            have = [(b, p) for b, p in zip(bounds, params) if p.grad is not None]
+            if not have:
+                continue
+            bs, ps = zip(*have)
+            grads = [p.grad for p in ps]
+            before = [g.clone() for g in grads] if measure else None
+            kind.project_grad_all_(list(bs), grads, list(ps))
+            if measure:
+                removed = torch._foreach_norm(torch._foreach_sub(before, grads))
+                total = torch._foreach_norm(before)
+                for p, r, t in zip(ps, removed, total):
+                    blocked[p] = r / t
+        return blocked
+
+    def _audit_due(self) -> bool:
+        return self.audit_every > 0 and (self.steps_taken + 1) % self.audit_every == 0
+
+    def before_step(self) -> None:
+        """Project the gradients the step is about to use."""
+        self._measure = self._audit_due()
+        self._blocked = self._project_grads_(self._measure)
+
+    def wrap_closure(self, closure):
+        """A closure whose every evaluation (LBFGS re-evaluates) leaves projected gradients."""
+        self._measure = self._audit_due()
+        self._blocked = {}
+
+        def projected_closure():
+            loss = closure()
+            self._blocked.update(self._project_grads_(self._measure))
+            return loss
+
+        return projected_closure
+
+    def after_step(self) -> None:
+        """Count the step, project parameters back onto their sets, audit."""
+        self.steps_taken += 1
+        self._after_step(self._measure, self._blocked)
+        self._blocked = {}
+
+    @torch.no_grad()
+    def _after_step(self, measure: bool, blocked: dict) -> None:
+        drift = []
+        if measure:
+            drift = gap_stats([b.gap(p) for _, bs, ps in self._groups for b, p in zip(bs, ps)])
+        self.project_()
+        params = [p for _, _, ps in self._groups for p in ps]
+        bounds = [b for _, bs, _ in self._groups for b in bs]
+        if not params:
+            return
+        norms = torch.stack(torch._foreach_norm(params))
+        if not measure:
+            if not bool(norms.isfinite().all()):
+                self._report_nonfinite(bounds, norms.tolist())
+            return
+        residual = gap_stats([b.gap(p) for b, p in zip(bounds, params)])
+        nan = torch.tensor(math.nan, dtype=torch.float64, device=norms.device)
+        rows = torch.stack([
+            torch.cat([d.to(nan), r[:1].to(nan), blocked.get(p, nan).reshape(1).to(nan), n.reshape(1)])
+            for d, r, p, n in zip(drift, residual, params, norms.to(nan))
+        ]).tolist()  # one host sync per audited step
+        records = self.audit.add(
+            self.steps_taken, [b.name for b in bounds], [repr(b.constraint) for b in bounds],
+            [row[:4] for row in rows],
+        )
+        param_norms = [row[4] for row in rows]
+        if not all(math.isfinite(n) for n in param_norms):
+            self._report_nonfinite(bounds, param_norms)
+        self._check_residuals(records, params, param_norms)
+        if self.log_every and self.steps_taken % self.log_every == 0:
+            from .report import log_step
+
+            log_step(log, self.steps_taken, records)
+
+    def _report_nonfinite(self, bounds, param_norms) -> None:
+        bad = [b.name for b, n in zip(bounds, param_norms) if not math.isfinite(n)]
+        message = f"step {self.steps_taken}: non-finite values in {', '.join(bad)}"
+        log.warning(message)
+        if self.on_violation == "raise":
+            raise ConstraintViolation(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _check_residuals(self, records, params, param_norms) -> None:
+        if self.on_violation == "ignore":
+            return
+        off = [
+            f"{r.name} (residual {r.residual:.3g})"
+            for r, p, n in zip(records, params, param_norms)
+            if math.isfinite(n)
+            and r.residual > (self.tolerance if self.tolerance is not None else default_atol(n, p.dtype))
+        ]
+        if not off:
+            return
+        message = f"step {self.steps_taken}: off the set after projection: {', '.join(off)}"
+        if self.on_violation == "raise":
+            raise ConstraintViolation(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    # -- checks ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def check(self, atol: float | None = None) -> None:
+        """Raise `ConstraintViolation` naming every parameter off its set, with its distance."""
+        off = []
+        for param, bound in self.bounds.items():
+            distance = float(bound.gap(param).norm())
+            scale = float(param.norm())
+            limit = atol if atol is not None else default_atol(scale, param.dtype)
+            if not (distance <= limit and math.isfinite(scale)):
+                off.append(f"{bound.name}: distance {distance:.3g} > {limit:.3g} from {bound.constraint!r}")
+        if off:
+            raise ConstraintViolation("off the set: " + "; ".join(off))
+
+
+
+def combine(old: Bound, new: Bound, param, name) -> Bound:
+    """The intersection of two constraints on one parameter."""
+    raise ConstraintError(
+        f"{describe(name, param)} already has {old.constraint!r}; attaching {new.constraint!r} "
+        "as well needs Intersection support"
+    )
