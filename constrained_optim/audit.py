@@ -53,6 +53,15 @@ class Audit:
         self._records.extend(self.last)
         return self.last
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the audit (plain Python data)."""
+        return {"history": [r.to_dict() for r in self._records], "last": [r.to_dict() for r in self.last]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._records.clear()
+        self._records.extend(AuditRecord(**r) for r in state["history"])
+        self.last = [AuditRecord(**r) for r in state["last"]]
+
     def table(self, records=None):
         """A ``rich.table.Table`` of ``records`` (default: the whole history)."""
         from .report import records_table

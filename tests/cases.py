@@ -26,6 +26,8 @@ class Case:
     convex: bool = False
     feasible: Callable[[torch.Generator, tuple, torch.dtype], torch.Tensor] | None = None
     tangent_violation: Callable[[torch.Tensor, torch.Tensor], float] | None = None  # (g, x)
+    exact: bool = False  # after every optimizer step the violation is exactly 0.0 (bitwise)
+    rtol: float = 1e-6  # otherwise violation <= rtol * max(1, |x|_max) after every step
     extra: dict = field(default_factory=dict)
 
 
@@ -73,18 +75,18 @@ def _sign_flip_group():
 
 
 LINEAR_CASES = [
-    Case("Mask", lambda: co.Mask(MASK), (4, 2, 3), lambda x: _max(x[..., ~MASK]), linear=True,
+    Case("Mask", lambda: co.Mask(MASK), (4, 2, 3), lambda x: _max(x[..., ~MASK]), exact=True, linear=True,
          convex=True, feasible=lambda g, s, d: torch.randn(s, generator=g, dtype=d) * MASK),
     Case("Fixed-index", lambda: co.Fixed((..., 1, 1), 0.0), (3, 2, 3, 3),
-         lambda x: _max(x[..., 1, 1]), linear=True, convex=True),
+         lambda x: _max(x[..., 1, 1]), exact=True, linear=True, convex=True),
     Case("Fixed-mask-value", lambda: co.Fixed(CENTRE_HELD, FIXED_VALUE), (2, 3, 3),
          lambda x: _max(x[..., CENTRE_HELD] - FIXED_VALUE[CENTRE_HELD].to(x.dtype)),
-         linear=True, convex=True),
+         exact=True, linear=True, convex=True),
     Case("Tied", lambda: co.Tied(TIED_LABELS), (3, 2, 2),
-         lambda x: _tied_violation(x, TIED_LABELS), linear=True, convex=True),
-    Case("Symmetric", lambda: co.Symmetric(), (4, 4), _sym_violation, linear=True, convex=True),
+         lambda x: _tied_violation(x, TIED_LABELS), exact=True, linear=True, convex=True),
+    Case("Symmetric", lambda: co.Symmetric(), (4, 4), _sym_violation, exact=True, linear=True, convex=True),
     Case("Symmetric-flip", lambda: co.Symmetric(dims=(0, 1), flip=(2, 3)), (3, 3, 3, 3),
-         lambda x: _sym_violation(x, (0, 1), (2, 3)), linear=True, convex=True),
+         lambda x: _sym_violation(x, (0, 1), (2, 3)), exact=True, linear=True, convex=True),
     Case("Invariant-rotations", lambda: co.Invariant.rotations(), (2, 3, 3), _rot_violation,
          linear=True, convex=True),
     Case("Invariant-signed", lambda: co.Invariant(_sign_flip_group()), (2, 5),
@@ -101,4 +103,7 @@ LINEAR_CASES = [
 # orthogonal but not a permutation, so `Invariant` takes its general group-average path
 REFLECT_60 = torch.tensor([[0.5, 3**0.5 / 2], [3**0.5 / 2, -0.5]], dtype=torch.float64)
 
-CASES = LINEAR_CASES
+# the non-linear sets (Box, norm balls, simplex, manifolds, sparsity, custom and composite)
+NONLINEAR_CASES: list[Case] = []
+
+CASES = LINEAR_CASES + NONLINEAR_CASES
