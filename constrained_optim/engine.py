@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 import warnings
 from collections import defaultdict
 
 import torch
 from torch import nn
 
-from .audit import Audit, gap_stats
+from .audit import Audit
+from .audit.measure import (Scratch, all_finite, fetch, norms, project_grads_measured_,
+                            project_measured_, residuals)
 from .constraints.base import Bound, Constraint
 from .errors import ConstraintError, ConstraintViolation, describe
 from .selection import parameter_names, select
@@ -122,8 +126,9 @@ class ConstraintEngine:
             kind.project_all_(bounds, params)
 
     @torch.no_grad()
-    def _project_grads_(self, measure: bool) -> dict[nn.Parameter, torch.Tensor]:
-        """Project gradients onto the tangent spaces; on audited steps, ``||g - Pg|| / ||g||``."""
+    def _project_grads_(self, measure: bool) -> dict[nn.Parameter, tuple]:
+        """Project gradients onto the tangent spaces; on audited steps also return, per parameter,
+        ``(||g - P_T(g)||, ||g||)`` as 0-d tensors (read on the host with the rest of the step)."""
         blocked = {}
         for kind, bounds, params in self._groups:
             if not kind.projects_grad:
@@ -131,15 +136,13 @@ class ConstraintEngine:
             have = [(b, p) for b, p in zip(bounds, params) if p.grad is not None]
             if not have:
                 continue
-            bs, ps = zip(*have)
+            bs, ps = (list(t) for t in zip(*have))
             grads = [p.grad for p in ps]
-            before = [g.clone() for g in grads] if measure else None
-            kind.project_grad_all_(list(bs), grads, list(ps))
-            if measure:
-                removed = torch._foreach_norm(torch._foreach_sub(before, grads))
-                total = torch._foreach_norm(before)
-                for p, r, t in zip(ps, removed, total):
-                    blocked[p] = r / t
+            if not measure:
+                kind.project_grad_all_(bs, grads, ps)
+                continue
+            removed, total = project_grads_measured_(kind, bs, grads, ps, self._audit_scratch())
+            blocked.update(zip(ps, zip(removed, total)))
         return blocked
 
     def _audit_due(self) -> bool:
@@ -170,61 +173,101 @@ class ConstraintEngine:
 
     @torch.no_grad()
     def _after_step(self, measure: bool, blocked: dict) -> None:
-        drift = []
-        if measure:
-            drift = gap_stats([b.gap(p) for _, bs, ps in self._groups for b, p in zip(bs, ps)])
-        self.project_()
-        params = [p for _, _, ps in self._groups for p in ps]
-        bounds = [b for _, bs, _ in self._groups for b in bs]
+        """Project every constrained parameter back onto its set and check it for non-finite
+        values (every step: one norm per parameter, one sync). On audited steps also measure
+        drift, residual and grad_blocked on the real tensors, turned into Python numbers once
+        for the whole step; then record, log, and check the tolerance."""
+        groups = self._groups
+        params = [p for _, _, ps in groups for p in ps]
+        if not measure:
+            self.project_()
+            if params:
+                param_norms = norms(params)[0]
+                if not all_finite(param_norms):
+                    self._report_nonfinite([row[0] for row in fetch([param_norms])])
+            self._log_audit()
+            return
+        drift, drift_max, residual = [], [], []
+        for kind, bounds, ps in groups:
+            d, m = project_measured_(kind, bounds, ps, self._audit_scratch())
+            drift += d
+            drift_max += m
         if not params:
             return
-        norms = torch.stack(torch._foreach_norm(params))
-        if not measure:
-            if not bool(norms.isfinite().all()):
-                self._report_nonfinite(bounds, norms.tolist())
-            return
-        residual = gap_stats([b.gap(p) for b, p in zip(bounds, params)])
-        nan = torch.tensor(math.nan, dtype=torch.float64, device=norms.device)
-        rows = torch.stack([
-            torch.cat([d.to(nan), r[:1].to(nan), blocked.get(p, nan).reshape(1).to(nan), n.reshape(1)])
-            for d, r, p, n in zip(drift, residual, params, norms.to(nan))
-        ]).tolist()  # one host sync per audited step
+        param_norms = []
+        for kind, bounds, ps in groups:
+            r, n = residuals(bounds, ps, self._audit_scratch())
+            residual += r
+            param_norms += n
+        nan = {}
+        for p in params:
+            if p not in blocked and p.device not in nan:
+                nan[p.device] = torch.full((), math.nan, device=p.device)
+        removed = [blocked[p][0] if p in blocked else nan[p.device] for p in params]
+        total = [blocked[p][1] if p in blocked else nan[p.device] for p in params]
+        rows = fetch([drift, drift_max, residual, removed, total, param_norms])  # the one sync
+        names, constraints = self._audit_labels()
         records = self.audit.add(
-            self.steps_taken, [b.name for b in bounds], [repr(b.constraint) for b in bounds],
-            [row[:4] for row in rows],
+            self.steps_taken, names, constraints,
+            [(d, dm, r, rm / t if t > 0 else math.nan) for d, dm, r, rm, t, _ in rows],
         )
-        param_norms = [row[4] for row in rows]
-        if not all(math.isfinite(n) for n in param_norms):
-            self._report_nonfinite(bounds, param_norms)
-        self._check_residuals(records, params, param_norms)
-        if self.log_every and self.steps_taken % self.log_every == 0:
+        norms_host = [row[5] for row in rows]
+        self._log_audit()
+        if not all(math.isfinite(n) for n in norms_host):
+            self._report_nonfinite(norms_host)
+        self._check_residuals(records, params, norms_host)
+
+    def _audit_scratch(self) -> Scratch:
+        scratch = getattr(self, "_scratch", None)
+        if scratch is None:
+            scratch = self._scratch = Scratch()
+        return scratch
+
+    def _audit_labels(self) -> tuple[list[str], list[str]]:
+        """Names and constraint descriptions in group order, computed once per grouping (a
+        constraint's repr may read its data)."""
+        cache = getattr(self, "_labels_cache", None)
+        if cache is None or cache[0] is not self._groups:
+            bounds = [b for _, bs, _ in self._groups for b in bs]
+            cache = (self._groups, [b.name for b in bounds], [repr(b.constraint) for b in bounds])
+            self._labels_cache = cache
+        return cache[1], cache[2]
+
+    def _log_audit(self) -> None:
+        """Every ``log_every`` steps, the latest audited step as one INFO block."""
+        if not (self.log_every and self.steps_taken % self.log_every == 0 and self.audit.last):
+            return
+        if log.isEnabledFor(logging.INFO):
             from .report import log_step
 
-            log_step(log, self.steps_taken, records)
+            log_step(log, self.steps_taken, self.audit.last)
 
-    def _report_nonfinite(self, bounds, param_norms) -> None:
-        bad = [b.name for b, n in zip(bounds, param_norms) if not math.isfinite(n)]
-        message = f"step {self.steps_taken}: non-finite values in {', '.join(bad)}"
+    def _report_nonfinite(self, param_norms) -> None:
+        names, constraints = self._audit_labels()
+        bad = [i for i, n in enumerate(param_norms) if not math.isfinite(n)]
+        self.audit.note_nonfinite(self.steps_taken, [names[i] for i in bad], [constraints[i] for i in bad])
+        message = (f"step {self.steps_taken}: non-finite values in constrained parameter"
+                   f"{'s' if len(bad) > 1 else ''} {', '.join(names[i] for i in bad)}")
         log.warning(message)
         if self.on_violation == "raise":
             raise ConstraintViolation(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, RuntimeWarning, stacklevel=_caller_stacklevel())
 
     def _check_residuals(self, records, params, param_norms) -> None:
+        """A residual above ``tolerance`` (default: a few float eps of the parameter's norm)."""
         if self.on_violation == "ignore":
             return
-        off = [
-            f"{r.name} (residual {r.residual:.3g})"
-            for r, p, n in zip(records, params, param_norms)
-            if math.isfinite(n)
-            and r.residual > (self.tolerance if self.tolerance is not None else default_atol(n, p.dtype))
-        ]
+        off = []
+        for r, p, n in zip(records, params, param_norms):
+            limit = self.tolerance if self.tolerance is not None else default_atol(n, p.dtype)
+            if math.isfinite(n) and not r.residual <= limit:
+                off.append(f"{r.name} (residual {r.residual:.3g} > tolerance {limit:.3g}, {r.constraint})")
         if not off:
             return
-        message = f"step {self.steps_taken}: off the set after projection: {', '.join(off)}"
+        message = f"step {self.steps_taken}: off the set after projection: {'; '.join(off)}"
         if self.on_violation == "raise":
             raise ConstraintViolation(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, RuntimeWarning, stacklevel=_caller_stacklevel())
 
     # -- checks ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -248,3 +291,16 @@ def combine(old: Bound, new: Bound, param, name) -> Bound:
         f"{describe(name, param)} already has {old.constraint!r}; attaching {new.constraint!r} "
         "as well needs Intersection support"
     )
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the user's line calling ``step``, past this
+    package and torch's step and ``no_grad`` wrappers."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE_DIR, _TORCH_DIR)):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -14,7 +14,8 @@ A `Bound` works in place on tensors shaped like its parameter, always under ``to
 - ``project_scale_(v)``: keep non-negative second-moment state (``exp_avg_sq``) consistent
   with the set without breaking its sign: zero on held entries, averaged within tied groups;
 - ``project_point_(x)``: optimizer state that is itself a point (ASGD's average ``ax``);
-- ``gap(x)``: ``x - P(x)`` as a new tensor, the audit's measure of how far ``x`` is off the set.
+- ``gap(x)``: ``x - P(x)`` as a new tensor, the audit's measure of how far ``x`` is off the set
+  (``gap_entries``/``grad_gap_entries``: cheaper forms the audit uses where a family has them).
 """
 
 from __future__ import annotations
@@ -74,9 +75,29 @@ class Bound:
         self.project_(y)
         return x - y
 
+    def gap_entries(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The entries of ``gap(x)`` that can be non-zero, in any shape; the audit reads only their
+        norm and largest magnitude, so a family whose off-set entries are few (`Fixed`) returns
+        just those. ``out`` (shaped like ``x``) may be used for the result, so a reused buffer
+        saves an allocation. Overriding `gap` or this tells the audit the family has a direct
+        form; otherwise it measures the change the projection makes."""
+        if out is None or type(self).gap is not Bound.gap:
+            return self.gap(x)
+        out.copy_(x)
+        self.project_(out)
+        return torch.sub(x, out, out=out)
+
     # -- gradients and optimizer state -----------------------------------------------------------
     def project_grad_(self, g: torch.Tensor, x: torch.Tensor) -> None:
         """Tangent-space projection; a no-op for sets enforced by projection alone."""
+
+    def grad_gap_entries(self, g: torch.Tensor, x: torch.Tensor, out=None) -> torch.Tensor:
+        """The entries of ``g - project_grad_(g)`` that can be non-zero, without changing ``g``
+        (``out`` as in `gap_entries`).
+
+        Only families with a direct form override this; by default the audit measures the
+        change `project_grad_` makes."""
+        raise NotImplementedError
 
     def project_moment_(self, m: torch.Tensor, x: torch.Tensor) -> None:
         self.project_grad_(m, x)

@@ -73,10 +73,22 @@ class MaskBound(Bound):
         mask_project_(x, self.keep)
 
     def gap(self, x):
-        return x * (1 - self.keep)
+        return self.gap_entries(x)
+
+    def gap_entries(self, x, out=None):
+        # x - x * keep = x * (1 - keep) with no (1 - keep) temporary. A CPU multiplies a float by a
+        # uint8 tensor through a float copy of it; with ``out`` that copy goes there instead of a
+        # fresh allocation (an accelerator casts inside the kernel)
+        keep = self.keep
+        if out is not None and out.device.type == "cpu" and out.dtype != keep.dtype:
+            keep = out.copy_(keep)
+        return torch.addcmul(x, x, keep, value=-1, out=out)
 
     def project_grad_(self, g, x):
         mask_project_(g, self.keep)
+
+    def grad_gap_entries(self, g, x, out=None):
+        return self.gap_entries(g, out)
 
     def project_scale_(self, v):
         mask_project_(v, self.keep)
@@ -168,8 +180,15 @@ class FixedBound(Bound):
         out[self.index] = x[self.index] - self.values
         return out
 
+    def gap_entries(self, x, out=None):
+        # only the held entries can be off the set: a strided or gathered read, not a full pass
+        return x[self.index] - self.values
+
     def project_grad_(self, g, x):
         g[self.index] = 0
+
+    def grad_gap_entries(self, g, x, out=None):
+        return g[self.index]
 
     def project_scale_(self, v):
         v[self.index] = 0

@@ -1,0 +1,52 @@
+"""Read a saved audit back: ``python -m constrained_optim.audit report run.jsonl [--plot out.png]``.
+
+``report`` prints the whole-run summary of the records in the file (written by
+``opt.audit.to_jsonl``) as a table; ``--records N`` also prints the last N records; ``--plot``
+writes drift and residual per parameter over steps as a PNG (needs matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import Audit
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m constrained_optim.audit",
+                                     description="Inspect a saved constraint audit.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    report = commands.add_parser("report", help="summary table (and plot) of an audit.jsonl")
+    report.add_argument("path", help="a file written by opt.audit.to_jsonl(path)")
+    report.add_argument("--plot", metavar="PNG", help="write drift and residual over steps to PNG")
+    report.add_argument("--records", type=int, default=0, metavar="N",
+                        help="also print the last N records")
+    args = parser.parse_args(argv)
+
+    from .. import report as render
+
+    try:
+        audit = Audit.from_jsonl(args.path)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    steps = sorted({r.step for r in audit.history})
+    span = f"steps {steps[0]}..{steps[-1]}, " if steps else ""
+    title = f"{args.path}: {span}{len(audit)} records"
+    console = render.Console()
+    console.print(render.summary_table(audit.summaries.values(), title=title))
+    if args.records:
+        console.print(render.records_table(audit.history[-args.records:], title="last records"))
+    if args.plot:
+        try:
+            audit.plot(args.plot)
+        except ImportError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        console.print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Measuring a step on the real tensors, with one host sync per audited step.
+
+For every constrained parameter an audited step reads:
+
+- before the gradient projection: ``||g||`` and ``||g - P_T(g)||`` (``grad_blocked`` is their ratio);
+- after the wrapped step, before projection: ``||x - P(x)||`` and ``max |x - P(x)|`` (``drift``);
+- after projection: ``||x||`` (the non-finite check and the scale of the default tolerance) and
+  the distance of ``P(x)`` from the set (``residual``).
+
+Every number stays a 0-d tensor on the parameter's device until `fetch` turns the whole step into
+Python floats with one device-to-host copy per device. Nothing here writes to a parameter, a
+gradient or optimizer state except through the family's own ``project_all_`` /
+``project_grad_all_``, called exactly as on a step that is not audited, so auditing cannot change
+training.
+
+A family that overrides `Bound.gap` / `Bound.gap_entries` (`Mask` reads ``x * (1 - keep)`` in one
+pass, `Fixed` reads only its held entries) is measured with that form. For the others the audit
+measures the change the projection itself makes (a copy before, a subtraction after): the same
+``x - P(x)``, and no second projection.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from ..constraints.base import Bound
+
+# on an accelerator, gaps are reduced by one foreach kernel per batch of about this many bytes;
+# on a CPU one at a time, so each is still in cache when its norm and max read it
+BATCH_BYTES = 256 * 2**20
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class Scratch:
+    """A reusable buffer for the audit's parameter-sized temporaries on a CPU.
+
+    A fresh multi-megabyte tensor every audited step is returned to the OS when freed and
+    page-faulted back in on the next, which can cost more than the arithmetic it holds. One flat
+    buffer per dtype, as large as the largest tensor asked for, serves every gap in turn (each
+    is reduced before the next is written). Small tensors come from the allocator's free lists
+    cheaply, accelerators' caching allocators already reuse memory, and tensor subclasses
+    (DTensor) need their own outputs: for those, ``like`` returns None and the gap is allocated
+    as usual.
+    """
+
+    MIN_NUMEL = 1 << 16
+
+    def __init__(self):
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
+        self._views: dict[tuple, torch.Tensor] = {}
+
+    def like(self, t: torch.Tensor) -> torch.Tensor | None:
+        if t.numel() < self.MIN_NUMEL or t.device.type != "cpu" or type(t) not in _PLAIN:
+            return None
+        key = (t.dtype, t.shape)
+        view = self._views.get(key)
+        if view is None:
+            buf = self._buffers.get(t.dtype)
+            if buf is None or buf.numel() < t.numel():
+                buf = self._buffers[t.dtype] = torch.empty(t.numel(), dtype=t.dtype)
+                self._views = {k: v for k, v in self._views.items() if k[0] != t.dtype}
+            view = self._views[key] = buf[: t.numel()].view(t.shape)
+        return view
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def has_direct_gap(kind: type[Bound]) -> bool:
+    """Whether the family writes ``x - P(x)`` without running its projection."""
+    return kind.gap is not Bound.gap or kind.gap_entries is not Bound.gap_entries
+
+
+def has_direct_grad_gap(kind: type[Bound]) -> bool:
+    return kind.grad_gap_entries is not Bound.grad_gap_entries
+
+
+def _norm(t: torch.Tensor) -> torch.Tensor:
+    # half precision norms overflow at 65504; accumulate and return float32
+    return torch.linalg.vector_norm(t, dtype=torch.float32 if t.dtype in _LOW_PRECISION else None)
+
+
+def _abs_max(t: torch.Tensor) -> torch.Tensor:
+    if t.numel() == 0:
+        return t.new_zeros(())
+    if t.device.type == "cpu":  # aminmax is one fast pass; the inf-norm is several times slower here
+        lo, hi = torch.aminmax(t)
+        return torch.maximum(hi, -lo)
+    return torch.linalg.vector_norm(t, math.inf)
+
+
+def norms(tensors: Iterable[torch.Tensor], with_max: bool = False):
+    """``(||t|| for each t, max|t| for each t)`` as 0-d tensors on each tensor's device, no sync.
+
+    ``tensors`` may be a generator of temporaries: they are reduced and released as they come
+    (one at a time on a CPU, in batches of about `BATCH_BYTES` on an accelerator), so the memory
+    alive at once stays small. ``max`` is an empty list unless ``with_max``.
+    """
+    ns: list[torch.Tensor] = []
+    ms: list[torch.Tensor] = []
+    batch: list[torch.Tensor] = []
+    size = 0
+
+    def flush():
+        nonlocal batch, size
+        if not batch:
+            return
+        low = batch[0].dtype in _LOW_PRECISION
+        ns.extend(torch._foreach_norm(batch, 2, dtype=torch.float32 if low else None))
+        if with_max:
+            ms.extend(torch._foreach_norm(batch, math.inf))
+        batch, size = [], 0
+
+    for t in tensors:
+        if t.device.type == "cpu" or t.numel() == 0:
+            flush()
+            if with_max:
+                m = _abs_max(t)
+                ms.append(m)
+                # on a CPU a look at the max costs nothing; a gap that is exactly zero (the usual
+                # case for linear sets) then needs no second pass for its norm
+                ns.append(torch.zeros((), dtype=torch.float32) if t.device.type == "cpu" and m == 0
+                          else _norm(t))
+            else:
+                ns.append(_norm(t))
+            continue
+        if batch and (t.device != batch[0].device or t.dtype != batch[0].dtype):
+            flush()
+        batch.append(t)
+        size += t.numel() * t.element_size()
+        if size >= BATCH_BYTES:
+            flush()
+    flush()
+    return ns, ms
+
+
+def _drain(items: list) -> Iterator:
+    """Yield and drop the items of a list, so each is freed once it has been read."""
+    items.reverse()
+    while items:
+        yield items.pop()
+
+
+def _interleaved(pairs) -> Iterator[torch.Tensor]:
+    for a, b in pairs:
+        yield a
+        yield b()
+
+
+@torch.no_grad()
+def project_grads_measured_(kind: type[Bound], bounds, grads, params, scratch: Scratch):
+    """Project the gradients as ``kind.project_grad_all_`` does; return ``(removed, total)``:
+    ``||g - P_T(g)||`` and ``||g||`` per gradient, as 0-d tensors."""
+    if has_direct_grad_gap(kind):
+        # each gradient's norm, then its gap while it is still in cache
+        both, _ = norms(_interleaved(
+            (g, lambda b=b, g=g, p=p: b.grad_gap_entries(g, p, scratch.like(g)))
+            for b, g, p in zip(bounds, grads, params)
+        ))
+        kind.project_grad_all_(bounds, grads, params)
+        return both[1::2], both[0::2]
+    total, _ = norms(grads)
+    before = [g.clone() for g in grads]
+    kind.project_grad_all_(bounds, grads, params)
+    torch._foreach_sub_(before, grads)
+    removed, _ = norms(_drain(before))
+    return removed, total
+
+
+@torch.no_grad()
+def project_measured_(kind: type[Bound], bounds, params, scratch: Scratch):
+    """Project the parameters as ``kind.project_all_`` does; return ``(drift, drift_max)``:
+    ``||x - P(x)||`` and ``max|x - P(x)|`` per parameter, as 0-d tensors."""
+    if has_direct_gap(kind):
+        drift, drift_max = norms((b.gap_entries(p, scratch.like(p)) for b, p in zip(bounds, params)),
+                                 with_max=True)
+        kind.project_all_(bounds, params)
+    else:
+        before = [p.clone() for p in params]
+        kind.project_all_(bounds, params)
+        torch._foreach_sub_(before, params)
+        drift, drift_max = norms(_drain(before), with_max=True)
+    return drift, drift_max
+
+
+@torch.no_grad()
+def residuals(bounds, params, scratch: Scratch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``(residual, norm)`` per (projected) parameter: the distance from its set,
+    ``||gap_entries(x)||``, and ``||x||``, read one parameter at a time while it is in cache."""
+    both, _ = norms(_interleaved(
+        (p, lambda b=b, p=p: b.gap_entries(p, scratch.like(p))) for b, p in zip(bounds, params)
+    ))
+    return both[1::2], both[0::2]
+
+
+def fetch(columns: list[list[torch.Tensor]]) -> list[list[float]]:
+    """Rows of Python floats from columns of per-parameter 0-d tensors: one stacked tensor and one
+    device-to-host copy per device (no per-value ``.item()``)."""
+    n = len(columns[0])
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(columns[0]):
+        by_device.setdefault(t.device, []).append(i)
+    rows: list = [None] * n
+    for index in by_device.values():
+        block = torch.stack([torch.stack([col[i].float() for i in index]) for col in columns], 1)
+        for i, row in zip(index, block.tolist()):
+            rows[i] = row
+    return rows
+
+
+def all_finite(values: list[torch.Tensor]) -> bool:
+    """Whether every 0-d tensor is finite: one reduction and one sync per device."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for v in values:
+        by_device.setdefault(v.device, []).append(v)
+    return all(bool(torch.stack([v.float() for v in vs]).isfinite().all()) for vs in by_device.values())
