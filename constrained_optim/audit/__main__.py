@@ -8,6 +8,7 @@ writes drift and residual per parameter over steps as a PNG (needs matplotlib).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import Audit
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
         return 2
     steps = sorted({r.step for r in audit.history})
     span = f"steps {steps[0]}..{steps[-1]}, " if steps else ""
-    title = f"{args.path}: {span}{len(audit)} records"
+    title = f"{os.path.basename(args.path)}: {span}{len(audit)} records"
     console = render.Console()
     console.print(render.summary_table(audit.summaries.values(), title=title))
     if args.records:
