@@ -126,9 +126,11 @@ class ConstraintEngine:
             kind.project_all_(bounds, params)
 
     @torch.no_grad()
-    def _project_grads_(self, measure: bool) -> dict[nn.Parameter, tuple]:
-        """Project gradients onto the tangent spaces; on audited steps also return, per parameter,
-        ``(||g - P_T(g)||, ||g||)`` as 0-d tensors (read on the host with the rest of the step)."""
+    def _project_grads_(self, measure: bool) -> dict[Bound, tuple]:
+        """Project gradients onto the tangent spaces; on audited steps also return, per bound,
+        ``(||g - P_T(g)||, ||g||)`` as 0-d tensors (read on the host with the rest of the step).
+        Keyed by bound, which stays the same object when parameters are stood in for (sharded
+        ones by their full tensors)."""
         blocked = {}
         for kind, bounds, params in self._groups:
             if not kind.projects_grad:
@@ -142,7 +144,7 @@ class ConstraintEngine:
                 kind.project_grad_all_(bs, grads, ps)
                 continue
             removed, total = project_grads_measured_(kind, bs, grads, ps, self._audit_scratch())
-            blocked.update(zip(ps, zip(removed, total)))
+            blocked.update(zip(bs, zip(removed, total)))
         return blocked
 
     def _audit_due(self) -> bool:
@@ -179,6 +181,7 @@ class ConstraintEngine:
         for the whole step; then record, log, and check the tolerance."""
         groups = self._groups
         params = [p for _, _, ps in groups for p in ps]
+        bounds = [b for _, bs, _ in groups for b in bs]
         if not measure:
             self.project_()
             if params:
@@ -188,23 +191,23 @@ class ConstraintEngine:
             self._log_audit()
             return
         drift, drift_max, residual = [], [], []
-        for kind, bounds, ps in groups:
-            d, m = project_measured_(kind, bounds, ps, self._audit_scratch())
+        for kind, bs, ps in groups:
+            d, m = project_measured_(kind, bs, ps, self._audit_scratch())
             drift += d
             drift_max += m
         if not params:
             return
         param_norms = []
-        for kind, bounds, ps in groups:
-            r, n = residuals(bounds, ps, self._audit_scratch())
+        for _, bs, ps in groups:
+            r, n = residuals(bs, ps, self._audit_scratch())
             residual += r
             param_norms += n
         nan = {}
-        for p in params:
-            if p not in blocked and p.device not in nan:
+        for b, p in zip(bounds, params):
+            if b not in blocked and p.device not in nan:
                 nan[p.device] = torch.full((), math.nan, device=p.device)
-        removed = [blocked[p][0] if p in blocked else nan[p.device] for p in params]
-        total = [blocked[p][1] if p in blocked else nan[p.device] for p in params]
+        removed = [blocked[b][0] if b in blocked else nan[p.device] for b, p in zip(bounds, params)]
+        total = [blocked[b][1] if b in blocked else nan[p.device] for b, p in zip(bounds, params)]
         rows = fetch([drift, drift_max, residual, removed, total, param_norms])  # the one sync
         names, constraints = self._audit_labels()
         records = self.audit.add(
@@ -226,10 +229,10 @@ class ConstraintEngine:
     def _audit_labels(self) -> tuple[list[str], list[str]]:
         """Names and constraint descriptions in group order, computed once per grouping (a
         constraint's repr may read its data)."""
+        bounds = tuple(b for _, bs, _ in self._groups for b in bs)
         cache = getattr(self, "_labels_cache", None)
-        if cache is None or cache[0] is not self._groups:
-            bounds = [b for _, bs, _ in self._groups for b in bs]
-            cache = (self._groups, [b.name for b in bounds], [repr(b.constraint) for b in bounds])
+        if cache is None or cache[0] != bounds:  # identity: Bound has no __eq__
+            cache = (bounds, [b.name for b in bounds], [repr(b.constraint) for b in bounds])
             self._labels_cache = cache
         return cache[1], cache[2]
 

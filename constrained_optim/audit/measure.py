@@ -28,9 +28,10 @@ import torch
 
 from ..constraints.base import Bound
 
-# on an accelerator, gaps are reduced by one foreach kernel per batch of about this many bytes;
-# on a CPU one at a time, so each is still in cache when its norm and max read it
+# tensors are reduced by one foreach kernel per batch of about this many bytes, except that on a
+# CPU a tensor of at least STREAM_NUMEL entries is reduced on its own, while it is in cache
 BATCH_BYTES = 256 * 2**20
+STREAM_NUMEL = 1 << 16
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -46,7 +47,7 @@ class Scratch:
     as usual.
     """
 
-    MIN_NUMEL = 1 << 16
+    MIN_NUMEL = 1 << 16  # smaller ones come from the allocator's free lists cheaply
 
     def __init__(self):
         self._buffers: dict[torch.dtype, torch.Tensor] = {}
@@ -84,8 +85,6 @@ def _norm(t: torch.Tensor) -> torch.Tensor:
 
 
 def _abs_max(t: torch.Tensor) -> torch.Tensor:
-    if t.numel() == 0:
-        return t.new_zeros(())
     if t.device.type == "cpu":  # aminmax is one fast pass; the inf-norm is several times slower here
         lo, hi = torch.aminmax(t)
         return torch.maximum(hi, -lo)
@@ -95,9 +94,11 @@ def _abs_max(t: torch.Tensor) -> torch.Tensor:
 def norms(tensors: Iterable[torch.Tensor], with_max: bool = False):
     """``(||t|| for each t, max|t| for each t)`` as 0-d tensors on each tensor's device, no sync.
 
-    ``tensors`` may be a generator of temporaries: they are reduced and released as they come
-    (one at a time on a CPU, in batches of about `BATCH_BYTES` on an accelerator), so the memory
-    alive at once stays small. ``max`` is an empty list unless ``with_max``.
+    ``tensors`` may be a generator of temporaries: they are reduced and released as they come,
+    so the memory alive at once stays small. A large tensor on a CPU is reduced on its own, while
+    it is still in cache; the rest go in batches (one foreach kernel per batch of up to
+    `BATCH_BYTES`, which saves launches on an accelerator and Python calls everywhere).
+    ``max`` is an empty list unless ``with_max``.
     """
     ns: list[torch.Tensor] = []
     ms: list[torch.Tensor] = []
@@ -115,15 +116,20 @@ def norms(tensors: Iterable[torch.Tensor], with_max: bool = False):
         batch, size = [], 0
 
     for t in tensors:
-        if t.device.type == "cpu" or t.numel() == 0:
+        if t.numel() == 0:
+            flush()
+            ns.append(t.new_zeros((), dtype=torch.float32))
+            if with_max:
+                ms.append(t.new_zeros(()))
+            continue
+        if t.device.type == "cpu" and t.numel() >= STREAM_NUMEL and type(t) in _PLAIN:
             flush()
             if with_max:
                 m = _abs_max(t)
                 ms.append(m)
-                # on a CPU a look at the max costs nothing; a gap that is exactly zero (the usual
-                # case for linear sets) then needs no second pass for its norm
-                ns.append(torch.zeros((), dtype=torch.float32) if t.device.type == "cpu" and m == 0
-                          else _norm(t))
+                # on a CPU a look at the max costs no device sync; a gap that is exactly zero
+                # (the usual case for linear sets) then needs no second pass for its norm
+                ns.append(torch.zeros((), dtype=torch.float32) if m == 0 else _norm(t))
             else:
                 ns.append(_norm(t))
             continue
@@ -199,6 +205,7 @@ def residuals(bounds, params, scratch: Scratch) -> tuple[list[torch.Tensor], lis
 def fetch(columns: list[list[torch.Tensor]]) -> list[list[float]]:
     """Rows of Python floats from columns of per-parameter 0-d tensors: one stacked tensor and one
     device-to-host copy per device (no per-value ``.item()``)."""
+    columns = [[_local(t) for t in col] for col in columns]
     n = len(columns[0])
     by_device: dict[torch.device, list[int]] = {}
     for i, t in enumerate(columns[0]):
@@ -211,9 +218,15 @@ def fetch(columns: list[list[torch.Tensor]]) -> list[list[float]]:
     return rows
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor holding the value: a DTensor's norm is made whole (a collective every rank
+    takes in the same order, since every rank runs the same step)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def all_finite(values: list[torch.Tensor]) -> bool:
     """Whether every 0-d tensor is finite: one reduction and one sync per device."""
     by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for v in values:
+    for v in map(_local, values):
         by_device.setdefault(v.device, []).append(v)
     return all(bool(torch.stack([v.float() for v in vs]).isfinite().all()) for vs in by_device.values())
