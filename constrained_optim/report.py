@@ -33,9 +33,10 @@ def _step(s) -> str:
 
 # -- the training log --------------------------------------------------------------------------------
 def log_line(r) -> str:
-    """One record as ``key=value`` fields (logfmt), for plain log files and grep."""
-    constraint = r.constraint.replace('"', "'")
-    return (f'step={r.step} param={r.name} constraint="{constraint}" drift={_num(r.drift)} '
+    """One record on one line: ``step 100 conv.weight Fixed((..., 1, 1), 0.0) drift=1.2e-05
+    drift_max=... residual=0 grad_blocked=0.11`` (the name has no spaces; the constraint runs to
+    `` drift=``)."""
+    return (f"step {r.step} {r.name} {r.constraint} drift={_num(r.drift)} "
             f"drift_max={_num(r.drift_max)} residual={_num(r.residual)} "
             f"grad_blocked={_num(r.grad_blocked)}")
 
@@ -73,24 +74,27 @@ def _terminal_width(logger: logging.Logger) -> int | None:
 
 
 def log_step(logger: logging.Logger, step: int, records) -> None:
-    """One INFO record for the audit of a step: a rich table where the log goes to a terminal,
-    otherwise a summary line then one ``key=value`` line per parameter. The records ride along
-    as ``record.audit`` for handlers that want the numbers."""
+    """The audit of a step at INFO. Where every handler the log reaches is a terminal: one record,
+    a rich table. Otherwise (files, capture, log shippers): one record per parameter, each a
+    single `log_line`, so every line carries the handler's own prefix and parses alone. Each
+    log record carries the `AuditRecord` s it reports as ``record.audit``."""
     records = list(records)
-    measured = records[0].step if records else step
-    worst = max(records, key=lambda r: (r.drift if math.isfinite(r.drift) else math.inf), default=None)
+    if not records:
+        return
+    width = _terminal_width(logger)
+    if width is None:
+        for r in records:
+            logger.info("%s", log_line(r), extra={"audit": [r]})
+        return
+    measured = records[0].step
+    worst = max(records, key=lambda r: (r.drift if math.isfinite(r.drift) else math.inf))
     head = f"constraint audit, step {step}"
     if measured != step:
         head += f" (measured at step {measured})"
-    if worst is not None:
-        head += (f": {len(records)} parameters, max drift {_num(worst.drift)} ({worst.name}), "
-                 f"max residual {_num(max((r.residual for r in records), default=0.0))}")
-    width = _terminal_width(logger)
-    if width is not None:
-        body = render_text(records_table(records, title=None, show_step=False), width)
-    else:
-        body = "\n".join(log_line(r) for r in records)
-    logger.info("%s\n%s", head, body.rstrip("\n"), extra={"audit": records})
+    head += (f": max drift {_num(worst.drift)} ({worst.name}), "
+             f"max residual {_num(max(r.residual for r in records))}")
+    table = render_text(records_table(records, title=None, show_step=False), width)
+    logger.info("%s\n%s", head, table.rstrip("\n"), extra={"audit": records})
 
 
 def render_text(renderable, width: int = 120) -> str:

@@ -52,36 +52,42 @@ def trained(steps=4, **kwargs):
 NAMES = ("dilated.weight", "mixer.weight", "mixer.bias")
 
 
+LINE = re.compile(r"^step (\d+) (\S+) (.+) drift=(\S+) drift_max=(\S+) residual=(\S+) grad_blocked=(\S+)$")
+
+
 def parse_line(line: str) -> dict:
-    """A ``key=value`` log line back into fields (``constraint="..."`` quoted)."""
-    return {k: v.strip('"') for k, v in re.findall(r'(\w+)=("[^"]*"|\S+)', line)}
+    """A plain log line back into its fields."""
+    m = LINE.match(line)
+    assert m, line
+    keys = ("step", "param", "constraint", "drift", "drift_max", "residual", "grad_blocked")
+    return dict(zip(keys, m.groups()))
 
 
 # -- the training log ---------------------------------------------------------------------------
-def test_log_every_writes_one_info_block_per_n_steps_with_every_parameter(caplog):
+def test_log_every_writes_one_line_per_parameter_every_n_steps(caplog):
     caplog.set_level(logging.INFO, logger="constrained_optim")
     _, opt = trained(steps=5, log_every=2)
-    blocks = [r for r in caplog.records if r.name == "constrained_optim"]
-    assert [r.levelno for r in blocks] == [logging.INFO, logging.INFO]
-    assert [r.audit[0].step for r in blocks] == [2, 4]
-    for block in blocks:
-        lines = block.getMessage().splitlines()
-        assert lines[0].startswith(f"constraint audit, step {block.audit[0].step}: 3 parameters")
-        fields = [parse_line(line) for line in lines[1:]]
-        assert [f["param"] for f in fields] == list(NAMES)
-        for f, r in zip(fields, block.audit):  # the numbers are the records' own
-            assert int(f["step"]) == r.step and f["constraint"] == r.constraint
-            for key in ("drift", "drift_max", "residual", "grad_blocked"):
-                assert float(f[key]) == pytest.approx(getattr(r, key), rel=5e-3), key
-    drifts = {f["param"]: float(f["drift"]) for f in map(parse_line, blocks[-1].getMessage().splitlines()[1:])}
-    assert drifts["dilated.weight"] > 0 and drifts["mixer.weight"] == 0.0
+    logged = [r for r in caplog.records if r.name == "constrained_optim"]
+    assert [r.levelno for r in logged] == [logging.INFO] * 6
+    fields = [parse_line(r.getMessage()) for r in logged]
+    assert [(int(f["step"]), f["param"]) for f in fields] == [(s, n) for s in (2, 4) for n in NAMES]
+    for f, record in zip(fields, logged):  # the numbers are the records' own
+        (r,) = record.audit
+        assert (int(f["step"]), f["param"], f["constraint"]) == (r.step, r.name, r.constraint)
+        for key in ("drift", "drift_max", "residual", "grad_blocked"):
+            assert float(f[key]) == pytest.approx(getattr(r, key), rel=5e-3), key
+    assert float(fields[-3]["drift"]) > 0 and float(fields[-2]["drift"]) == 0.0  # Fixed, Mask
 
 
-def test_log_block_names_the_step_it_was_measured_at(caplog):
+def test_log_reports_the_latest_audited_step(caplog):
     caplog.set_level(logging.INFO, logger="constrained_optim")
-    trained(steps=4, audit_every=3, log_every=4)
-    (block,) = [r for r in caplog.records if r.name == "constrained_optim"]
-    assert "step 4 (measured at step 3)" in block.getMessage()
+    _, opt = trained(steps=4, audit_every=3, log_every=4)
+    logged = [parse_line(r.getMessage()) for r in caplog.records if r.name == "constrained_optim"]
+    assert [f["step"] for f in logged] == ["3"] * 3
+    tty = TtyStream()
+    logger = terminal_logger(tty)
+    report.log_step(logger, 4, opt.audit.last)
+    assert "constraint audit, step 4 (measured at step 3)" in tty.getvalue()
 
 
 def test_the_library_configures_no_logging():
@@ -104,29 +110,29 @@ class TtyStream(io.StringIO):
         return True
 
 
-def test_log_block_is_a_table_on_a_terminal_and_lines_in_a_file(tmp_path):
+def terminal_logger(*streams_or_handlers):
+    logger = logging.getLogger(f"test_report.{id(streams_or_handlers)}")
+    logger.propagate, logger.level, logger.handlers = False, logging.INFO, []
+    for h in streams_or_handlers:
+        logger.addHandler(h if isinstance(h, logging.Handler) else logging.StreamHandler(h))
+    return logger
+
+
+def test_log_is_a_table_on_a_terminal_and_lines_in_a_file(tmp_path):
     _, opt = trained(steps=2)
     tty, path = TtyStream(), tmp_path / "train.log"
-    for handlers, expect_table in (([logging.StreamHandler(tty)], True),
-                                   ([logging.FileHandler(path)], False),
-                                   ([logging.StreamHandler(TtyStream()), logging.FileHandler(path)], False)):
-        logger = logging.getLogger(f"test_report.{len(handlers)}.{expect_table}")
-        logger.propagate, logger.level = False, logging.INFO
-        for h in handlers:
-            logger.addHandler(h)
-        try:
-            report.log_step(logger, 2, opt.audit.last)
-        finally:
-            for h in handlers:
-                logger.removeHandler(h)
-                h.close()
+    for handlers in ([tty], [logging.FileHandler(path)], [TtyStream(), logging.FileHandler(path)]):
+        logger = terminal_logger(*handlers)
+        report.log_step(logger, 2, opt.audit.last)
+        for h in logger.handlers:
+            h.close()
     table = tty.getvalue()
+    assert table.startswith("constraint audit, step 2: max drift")
     assert "─" in table and "drift" in table and "\x1b[" not in table
     for name in NAMES:
         assert name in table
-    lines = path.read_text().splitlines()
-    assert len(lines) == 2 * 4  # header + one line per parameter, twice
-    assert [parse_line(line)["param"] for line in lines[1:4]] == list(NAMES)
+    lines = path.read_text().splitlines()  # plain for the file alone and for file + terminal
+    assert [parse_line(line)["param"] for line in lines] == list(NAMES) * 2
 
 
 # -- tables -------------------------------------------------------------------------------------------
