@@ -152,11 +152,6 @@ class Audit:
             s = self.summaries[name] = ParamSummary(name, constraint)
         return s
 
-    def clear(self) -> None:
-        self._records.clear()
-        self.last = []
-        self.summaries = {}
-
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """What a checkpoint keeps of the audit: plain Python data (loads with ``weights_only``)."""

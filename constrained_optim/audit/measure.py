@@ -8,7 +8,9 @@ For every constrained parameter an audited step reads:
   the distance of ``P(x)`` from the set (``residual``).
 
 Every number stays a 0-d tensor on the parameter's device until `fetch` turns the whole step into
-Python floats with one device-to-host copy per device. Nothing here writes to a parameter, a
+Python floats with one device-to-host copy per device. (On a CPU, where reading a value stalls
+nothing, a drift's largest entry is looked at before its norm: an exactly-zero gap then needs no
+second pass.) Nothing here writes to a parameter, a
 gradient or optimizer state except through the family's own ``project_all_`` /
 ``project_grad_all_``, called exactly as on a step that is not audited, so auditing cannot change
 training.
@@ -40,21 +42,20 @@ class Scratch:
 
     A fresh multi-megabyte tensor every audited step is returned to the OS when freed and
     page-faulted back in on the next, which can cost more than the arithmetic it holds. One flat
-    buffer per dtype, as large as the largest tensor asked for, serves every gap in turn (each
-    is reduced before the next is written). Small tensors come from the allocator's free lists
-    cheaply, accelerators' caching allocators already reuse memory, and tensor subclasses
-    (DTensor) need their own outputs: for those, ``like`` returns None and the gap is allocated
-    as usual.
+    buffer per dtype, as large as the largest tensor asked for, serves every gap in turn: each
+    is reduced before the next is written, which `norms` guarantees for tensors of at least
+    `STREAM_NUMEL` entries (smaller ones may wait in a batch, and come from the allocator's free
+    lists cheaply anyway). Accelerators' caching allocators already reuse memory, and tensor
+    subclasses (DTensor) need their own outputs. For all of those ``like`` returns None and the
+    gap is allocated as usual.
     """
-
-    MIN_NUMEL = 1 << 16  # smaller ones come from the allocator's free lists cheaply
 
     def __init__(self):
         self._buffers: dict[torch.dtype, torch.Tensor] = {}
         self._views: dict[tuple, torch.Tensor] = {}
 
     def like(self, t: torch.Tensor) -> torch.Tensor | None:
-        if t.numel() < self.MIN_NUMEL or t.device.type != "cpu" or type(t) not in _PLAIN:
+        if t.numel() < STREAM_NUMEL or t.device.type != "cpu" or type(t) not in _PLAIN:
             return None
         key = (t.dtype, t.shape)
         view = self._views.get(key)
