@@ -19,7 +19,7 @@ from .audit import Audit, gap_stats
 from .constraints.base import Bound, Constraint
 from .errors import ConstraintError, ConstraintViolation, describe
 from .selection import parameter_names, select
-from .state import project_state_
+from .state import project_state_, restart_history_
 
 log = logging.getLogger("constrained_optim")
 
@@ -89,6 +89,7 @@ class ConstraintEngine:
                 bound.project_(param)
                 project_state_(bound, self.optimizer.state.get(param, {}), param)
                 self.bounds[param] = bound
+            restart_history_(self.optimizer)
         self._regroup()
         return self
 

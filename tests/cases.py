@@ -45,6 +45,15 @@ SUBSPACE_BASIS = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[1.0, -1.0], [-1.0, 1.
 AFFINE_OFFSET = torch.tensor([[0.5, -1.0], [2.0, 0.25]])
 
 
+def _with(x, index, value):
+    x[index] = value
+    return x
+
+
+def _plus(a, t):
+    return a + t(a)
+
+
 def _rot_violation(x, dims=(-2, -1)):
     return max(_max(x - torch.rot90(x, k, dims)) for k in range(1, 4))
 
@@ -78,25 +87,35 @@ LINEAR_CASES = [
     Case("Mask", lambda: co.Mask(MASK), (4, 2, 3), lambda x: _max(x[..., ~MASK]), exact=True, linear=True,
          convex=True, feasible=lambda g, s, d: torch.randn(s, generator=g, dtype=d) * MASK),
     Case("Fixed-index", lambda: co.Fixed((..., 1, 1), 0.0), (3, 2, 3, 3),
-         lambda x: _max(x[..., 1, 1]), exact=True, linear=True, convex=True),
+         lambda x: _max(x[..., 1, 1]), exact=True, linear=True, convex=True,
+         feasible=lambda g, s, d: _with(torch.randn(s, generator=g, dtype=d), (..., 1, 1), 0.0)),
     Case("Fixed-mask-value", lambda: co.Fixed(CENTRE_HELD, FIXED_VALUE), (2, 3, 3),
          lambda x: _max(x[..., CENTRE_HELD] - FIXED_VALUE[CENTRE_HELD].to(x.dtype)),
-         exact=True, linear=True, convex=True),
+         exact=True, linear=True, convex=True,
+         feasible=lambda g, s, d: torch.where(CENTRE_HELD, FIXED_VALUE.to(d), torch.randn(s, generator=g, dtype=d))),
     Case("Tied", lambda: co.Tied(TIED_LABELS), (3, 2, 2),
-         lambda x: _tied_violation(x, TIED_LABELS), exact=True, linear=True, convex=True),
-    Case("Symmetric", lambda: co.Symmetric(), (4, 4), _sym_violation, exact=True, linear=True, convex=True),
+         lambda x: _tied_violation(x, TIED_LABELS), exact=True, linear=True, convex=True,
+         feasible=lambda g, s, d: torch.randn(s[0], 2, generator=g, dtype=d)[:, TIED_LABELS]),
+    Case("Symmetric", lambda: co.Symmetric(), (4, 4), _sym_violation, exact=True, linear=True, convex=True,
+         feasible=lambda g, s, d: _plus(torch.randn(s, generator=g, dtype=d), lambda a: a.T)),
     Case("Symmetric-flip", lambda: co.Symmetric(dims=(0, 1), flip=(2, 3)), (3, 3, 3, 3),
-         lambda x: _sym_violation(x, (0, 1), (2, 3)), exact=True, linear=True, convex=True),
+         lambda x: _sym_violation(x, (0, 1), (2, 3)), exact=True, linear=True, convex=True,
+         feasible=lambda g, s, d: _plus(torch.randn(s, generator=g, dtype=d), lambda a: a.transpose(0, 1).flip(2, 3))),
     Case("Invariant-rotations", lambda: co.Invariant.rotations(), (2, 3, 3), _rot_violation,
-         linear=True, convex=True),
+         linear=True, convex=True,
+         feasible=lambda g, s, d: sum(torch.rot90(a, k, (-2, -1)) for a in [torch.randn(s, generator=g, dtype=d)] for k in range(4))),
     Case("Invariant-signed", lambda: co.Invariant(_sign_flip_group()), (2, 5),
-         lambda x: _max(x + x.flip(-1)), linear=True, convex=True),
+         lambda x: _max(x + x.flip(-1)), linear=True, convex=True,
+         feasible=lambda g, s, d: _plus(torch.randn(s, generator=g, dtype=d), lambda a: -a.flip(-1))),
     Case("Invariant-callables", lambda: co.Invariant([lambda x: x, lambda x: x @ REFLECT_60.to(x)]),
-         (3, 2), lambda x: _max(x - x @ REFLECT_60.to(x)), linear=True, convex=True),
+         (3, 2), lambda x: _max(x - x @ REFLECT_60.to(x)), linear=True, convex=True,
+         feasible=lambda g, s, d: _plus(torch.randn(s, generator=g, dtype=d), lambda a: a @ REFLECT_60.to(a))),
     Case("Subspace", lambda: co.Subspace(SUBSPACE_BASIS), (3, 2, 2),
-         lambda x: _in_span(x, SUBSPACE_BASIS), linear=True, convex=True),
+         lambda x: _in_span(x, SUBSPACE_BASIS), linear=True, convex=True,
+         feasible=lambda g, s, d: torch.einsum("lk,k...->l...", torch.randn(s[0], 2, generator=g, dtype=d), SUBSPACE_BASIS.to(d))),
     Case("Affine", lambda: co.Affine(SUBSPACE_BASIS, AFFINE_OFFSET), (3, 2, 2),
-         lambda x: _in_span(x, SUBSPACE_BASIS, AFFINE_OFFSET), linear=True, convex=True),
+         lambda x: _in_span(x, SUBSPACE_BASIS, AFFINE_OFFSET), linear=True, convex=True,
+         feasible=lambda g, s, d: AFFINE_OFFSET.to(d) + torch.einsum("lk,k...->l...", torch.randn(s[0], 2, generator=g, dtype=d), SUBSPACE_BASIS.to(d))),
 ]
 
 # a reflection of the plane (axis at 30 degrees), acting on the last dim of a (..., 2) tensor:
