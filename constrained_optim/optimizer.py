@@ -29,7 +29,7 @@ class ConstrainedOptimizer(torch.optim.Optimizer):
     >>> opt = opt.attach("weight", co.Fixed((..., 1, 1), 0.0))
     >>> model(torch.randn(1, 2, 5, 5)).sum().backward()
     >>> _ = opt.step()
-    >>> float(model.weight[..., 1, 1].abs().max())
+    >>> float(model.weight.detach()[..., 1, 1].abs().max())
     0.0
     """
 
