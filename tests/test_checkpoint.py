@@ -253,3 +253,35 @@ def test_malformed_audit_is_refused_and_changes_nothing():
     with pytest.raises(co.ConstraintError, match="audit state cannot be loaded"):
         opt.load_state_dict(checkpoint)
     assert_unchanged(model, opt, snap)
+
+
+def test_resume_with_an_lr_scheduler(tmp_path):
+    """The wrapped optimizer's load_state_dict replaces its param_groups; the wrapper and a
+    scheduler built on it before loading still drive the same groups."""
+    constraints = lambda: {"fc2.weight": co.Symmetric(), "fc1.weight": co.Mask(FREE)}  # noqa: E731
+
+    def build_scheduled(seed):
+        model, opt = build(seed, constraints(), OPTIMIZERS["SGD-momentum"])
+        return model, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+
+    def train_scheduled(model, opt, sched, steps):
+        for k in steps:
+            train(model, opt, [k])
+            sched.step()
+
+    model, opt, sched = build_scheduled(0)
+    train_scheduled(model, opt, sched, range(2 * HALF))
+
+    model_a, opt_a, sched_a = build_scheduled(0)
+    train_scheduled(model_a, opt_a, sched_a, range(HALF))
+    torch.save({"model": model_a.state_dict(), "opt": opt_a.state_dict(), "sched": sched_a.state_dict()},
+               tmp_path / "ckpt.pt")
+    model_b, opt_b, sched_b = build_scheduled(1)
+    ckpt = torch.load(tmp_path / "ckpt.pt")
+    model_b.load_state_dict(ckpt["model"])
+    opt_b.load_state_dict(ckpt["opt"])
+    sched_b.load_state_dict(ckpt["sched"])
+    assert opt_b.param_groups is opt_b.optimizer.param_groups
+    train_scheduled(model_b, opt_b, sched_b, range(HALF, 2 * HALF))
+    assert opt_b.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == 0.05 * 0.5**5
+    assert_same_run(model, opt, model_b, opt_b)
