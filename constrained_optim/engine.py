@@ -348,7 +348,8 @@ class ConstraintEngine:
                 plan.append((bound, param, found[0]))
         if problems:
             raise ConstraintError(
-                f"project_module_({type(module).__name__}): nothing was projected:\n  " + "\n  ".join(problems)
+                f"project_module_({type(module).__name__}): nothing was projected:\n  "
+                + "\n  ".join(problems)
             )
         for bound, param, target in plan:
             whole = full(target)

@@ -17,7 +17,8 @@ from torch import nn
 
 STEPS = 5
 GLOBAL_BATCH = 8
-FREE = torch.tensor([[True, False, True, True, False, True]] * 2 + [[False, True, True, False, True, True]] * 3)
+FREE = torch.tensor([[True, False, True, True, False, True]] * 2
+                    + [[False, True, True, False, True, True]] * 3)
 LABELS = torch.tensor([0, 1, 1, 0, 2])
 
 

@@ -198,12 +198,14 @@ def saved_and_fresh(saved_constraints, fresh_constraints, hidden=6, fresh_lr=0.0
 
 @pytest.mark.parametrize("saved, fresh, hidden, expected", [
     pytest.param({"fc1.weight": co.Fixed((..., 0), 0.0)}, {"fc3.weight": co.Fixed((..., 0), 0.0)}, 6,
-                 ["fc1.weight: the checkpoint constrains it to Fixed((..., 0), 0.0); here it has no constraint",
+                 ["fc1.weight: the checkpoint constrains it to Fixed((..., 0), 0.0); "
+                  "here it has no constraint",
                   "fc3.weight: constrained to Fixed((..., 0), 0.0) here; the checkpoint has no constraint"],
                  id="other-target"),
     pytest.param({"fc2.weight": co.Symmetric()}, {"fc2.weight": co.Symmetric()}, 7,
                  ["fc2.weight: shape (6, 6) in the checkpoint, (7, 7) here"], id="other-shape"),
-    pytest.param({"fc2.weight": co.Symmetric()}, {"fc2.weight": co.Mask(torch.ones(6, 6, dtype=torch.bool))}, 6,
+    pytest.param({"fc2.weight": co.Symmetric()},
+                 {"fc2.weight": co.Mask(torch.ones(6, 6, dtype=torch.bool))}, 6,
                  ["fc2.weight: constraint type Symmetric (Symmetric(dims=(0, 1))) in the checkpoint, "
                   "Mask (Mask(36/36 free)) here"], id="other-type"),
     pytest.param({"fc2.weight": co.Symmetric()}, {"fc2.weight": co.Symmetric(dims=None, flip=(1,))}, 6,

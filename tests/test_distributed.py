@@ -41,8 +41,9 @@ def run_ranks(kinds: list[str], out_dir: Path, world: int = 2, timeout: float = 
     lo = loopback_interface()
     if lo:  # gloo talks over the loopback interface only
         env.setdefault("GLOO_SOCKET_IFNAME", lo)
-    procs = [subprocess.Popen([sys.executable, str(WORKER), ",".join(kinds), str(out_dir)], env=dict(env, RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = [sys.executable, str(WORKER), ",".join(kinds), str(out_dir)]
+    procs = [subprocess.Popen(command, env=dict(env, RANK=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
              for r in range(world)]
     outputs = []
     try:
@@ -73,8 +74,8 @@ def close_audits(a, b) -> bool:
     keys = ("drift", "drift_max", "residual", "grad_blocked")
     return len(a) == len(b) and all(
         (x["step"], x["name"], x["constraint"]) == (y["step"], y["name"], y["constraint"])
-        and all(math.isclose(x[k], y[k], rel_tol=1e-4, abs_tol=1e-6) or (math.isnan(x[k]) and math.isnan(y[k]))
-                for k in keys)
+        and all(math.isclose(x[k], y[k], rel_tol=1e-4, abs_tol=1e-6)
+                or (math.isnan(x[k]) and math.isnan(y[k])) for k in keys)
         for x, y in zip(a, b)
     )
 

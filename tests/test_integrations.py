@@ -38,7 +38,8 @@ def symmetric(model):
 
 # -- LR schedulers -------------------------------------------------------------------------------------
 SCHEDULERS = {
-    "StepLR": (lambda p: torch.optim.SGD(p, lr=0.1), lambda o: lr_scheduler.StepLR(o, step_size=3, gamma=0.5)),
+    "StepLR": (lambda p: torch.optim.SGD(p, lr=0.1),
+               lambda o: lr_scheduler.StepLR(o, step_size=3, gamma=0.5)),
     "OneCycleLR": (lambda p: torch.optim.Adam(p, lr=0.01),
                    lambda o: lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=12)),
     "ReduceLROnPlateau": (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),

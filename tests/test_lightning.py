@@ -48,7 +48,8 @@ class Module(pl.LightningModule):
 
 def loader():
     g = torch.Generator().manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(4 * STEPS, 4, generator=g), torch.randn(4 * STEPS, 2, generator=g))
+    x, y = torch.randn(4 * STEPS, 4, generator=g), torch.randn(4 * STEPS, 2, generator=g)
+    data = torch.utils.data.TensorDataset(x, y)
     return torch.utils.data.DataLoader(data, batch_size=4)
 
 
@@ -98,4 +99,28 @@ def test_lightning_with_constrain_hooks_matches_the_wrapper(tmp_path):
     fit(hooked, tmp_path / "b")
     assert hooked.checked == STEPS and hooked.handle.steps_taken == STEPS
     for p, q in zip(wrapped.parameters(), hooked.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_lightning_checkpoint_resumes_bitwise(tmp_path):
+    """Lightning saves the wrapper's state_dict (constraints and audit included) and loads it
+    back into the optimizer that configure_optimizers builds again."""
+    def trainer(epochs, root):
+        return pl.Trainer(
+            max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=root,
+            callbacks=[pl.callbacks.ModelCheckpoint(dirpath=root, save_last=True)],
+        )
+
+    torch.manual_seed(0)
+    full = Module()
+    trainer(2, tmp_path / "full").fit(full, loader())
+    torch.manual_seed(0)
+    trainer(1, tmp_path / "half").fit(Module(), loader())
+    torch.manual_seed(5)  # another init: the checkpoint replaces it
+    resumed = Module()
+    t = trainer(2, tmp_path / "resumed")
+    t.fit(resumed, loader(), ckpt_path=tmp_path / "half" / "last.ckpt")
+    assert t.optimizers[0].steps_taken == 2 * STEPS
+    for p, q in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
