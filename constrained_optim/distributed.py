@@ -8,7 +8,8 @@ This applies to parameters, their gradients and their optimizer state, and it is
 that knows about DTensors: the engine hands it plain tensors and gets plain tensors back.
 
 Plain tensors (single process, DDP's replicated parameters) pass through untouched and at no
-cost. Gathering is a collective: every rank must make the same calls in the same order, which
+cost. For sharded ones the price is an all-gather of each constrained parameter (and of its
+gradient) per step, and its full size in memory on every rank while it is projected. Gathering is a collective: every rank must make the same calls in the same order, which
 it does when every rank attaches the same constraints in the same order.
 """
 
@@ -86,15 +87,14 @@ class FullView:
 
     Each sharded parameter gets one persistent stand-in (so results keyed by parameter, such
     as the share of each gradient that was blocked, stay keyed the same across calls). Inside
-    ``view(groups, grads=..., write=...)`` the stand-ins hold the gathered parameters (and
-    gradients); on exit the projected parameters and/or gradients are written back as shards.
+    ``gathered(...)`` the stand-ins hold the gathered parameters (and gradients); on exit the
+    projected parameters and/or gradients are written back as shards and the stand-ins let go
+    of the full tensors, so between steps they hold no memory.
     """
 
     def __init__(self, params):
         self.sharded = [p for p in params if is_sharded(p)]
-        self.stand_ins = {
-            p: torch.empty(p.shape, dtype=p.dtype, device=local(p).device) for p in self.sharded
-        }
+        self.stand_ins = {p: torch.empty(0, dtype=p.dtype, device=local(p).device) for p in self.sharded}
 
     def __bool__(self) -> bool:
         return bool(self.sharded)
@@ -107,7 +107,7 @@ class FullView:
     def gathered(self, grads: bool, params_back: bool, grads_back: bool):
         with torch.no_grad():
             for p, s in self.stand_ins.items():
-                s.copy_(p.full_tensor())
+                s.set_(p.full_tensor())
                 s.grad = p.grad.full_tensor() if grads and p.grad is not None else None
         try:
             yield
@@ -122,3 +122,4 @@ class FullView:
             if grads_back and s.grad is not None:
                 write_back_(p.grad, s.grad)
             s.grad = None
+            s.set_()
