@@ -16,6 +16,11 @@ import constrained_optim as co
 pl = pytest.importorskip("lightning.pytorch")
 from constrained_optim.lightning import AuditCallback  # noqa: E402
 
+pytestmark = [  # Lightning's own notices, about its internals
+    pytest.mark.filterwarnings("ignore:.*LeafSpec"),
+    pytest.mark.filterwarnings("ignore:The dirpath has changed"),
+]
+
 FREE = torch.tensor([[True, False, True, True], [False, True, True, False]])
 STEPS = 6
 
