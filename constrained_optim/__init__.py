@@ -3,6 +3,7 @@
 from .audit import AuditRecord
 from .constraints import Affine, Constraint, Fixed, Invariant, Mask, Subspace, Symmetric, Tied
 from .errors import ConstraintError, ConstraintViolation
+from .hooks import ConstraintHandle, constrain
 from .optimizer import ConstrainedOptimizer
 
 __version__ = "0.1.0"
@@ -13,6 +14,7 @@ __all__ = [
     "ConstrainedOptimizer",
     "Constraint",
     "ConstraintError",
+    "ConstraintHandle",
     "ConstraintViolation",
     "Fixed",
     "Invariant",
@@ -20,4 +22,5 @@ __all__ = [
     "Subspace",
     "Symmetric",
     "Tied",
+    "constrain",
 ]

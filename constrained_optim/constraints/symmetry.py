@@ -123,6 +123,14 @@ class TiedBound(Bound):
             out["weights"] = self.weights
         return out
 
+    def load_state_tensors(self, tensors):
+        super().load_state_tensors(tensors)
+        # the group sizes follow from the loaded labels
+        self.n_groups = int(self.group_ids.max()) + 1 if self.group_ids.numel() else 0
+        self.counts = torch.bincount(self.group_ids, minlength=self.n_groups).to(self.counts.dtype)
+        if self.weights is not None:
+            self.scale_weights = self.weights.abs()
+
 
 # -- Symmetric -------------------------------------------------------------------------------------
 class Symmetric(Constraint):
