@@ -139,7 +139,7 @@ def main(argv=None) -> None:
         hook = run_hook(make_opt, args.steps)
         model, opt, worst = run_library(make_opt, args.steps, f"{name:12s}")
         results[name] = (model, opt)
-        print(f"{name:12s} centre max |w|: gradient hook {hook:.3f}   "
+        print(f"{name:12s} centre max |w|: gradient hook {hook:.3g}   "
               f"constrained_optim {centre_max(model)} (largest after any step: {worst})")
 
     name = "AdamW"
