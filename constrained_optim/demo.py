@@ -149,6 +149,6 @@ def main(argv=None) -> int:
     for what, ok, value in verify(model):
         print(f"{'ok  ' if ok else 'FAIL'} {what}{': ' + value if value else ''}")
     opt.check()
-    print(f"check(): all {len(opt.engine.bounds)} constrained parameters are on their sets "
+    print(f"check(): all {len(attached)} constrained parameters are on their sets "
           f"({time.perf_counter() - start:.1f} s)")
     return 0

@@ -6,8 +6,9 @@ graph, so the transformation never gets a gradient. The fix is to call the CNN w
 transformed filters as an input of the graph: ``torch.func.functional_call(cnn, {"conv.weight":
 new_weight}, (x,))``. Nothing is written to ``.data``.
 
-A transformation meant to rotate or reflect filters should preserve their norm, so its map is
-constrained with ``Orthogonal()``: the optimizer projects the map's gradient onto the tangent
+A transformation meant to rotate or reflect filters should preserve their norm, so its map (a
+learned 9x9 matrix acting on each flattened 3x3 filter; the question's extra input, an angle, is
+left out) is constrained with ``Orthogonal()``: the optimizer projects the map's gradient onto the tangent
 space of the orthogonal matrices and puts the map back on them after every step. The task: the
 CNN's filters, transformed, must reproduce the outputs of the same CNN with its filters rotated
 by 90 degrees (a permutation of the 9 kernel entries, so an orthogonal map). The script prints,

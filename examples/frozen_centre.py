@@ -103,6 +103,10 @@ def zero_centre_grad(grad):
     return grad
 
 
+def audit_every(steps: int) -> int:
+    return max(1, steps // 4)  # about four audited steps in the table
+
+
 def run_hook(make_opt, steps: int) -> float:
     model, opt = warm_start(make_opt)
     with torch.no_grad():
@@ -115,7 +119,7 @@ def run_hook(make_opt, steps: int) -> float:
 
 def run_library(make_opt, steps: int, description: str):
     model, inner = warm_start(make_opt)
-    opt = co.ConstrainedOptimizer(inner, model, audit_every=max(1, steps // 4))
+    opt = co.ConstrainedOptimizer(inner, model, audit_every=audit_every(steps))
     opt.attach("cnn4_dialation", co.Fixed((..., 1, 1), 0.0))  # module name -> its .weight
     worst = 0.0
     for step in track(range(WARMUP, WARMUP + steps), description=description):
@@ -157,7 +161,7 @@ def main(argv=None) -> None:
     fresh = BaseModel()
     fresh.load_state_dict(checkpoint["model"])
     resumed = co.ConstrainedOptimizer(OPTIMIZERS[name](fresh.parameters()), fresh,
-                                      audit_every=opt.engine.audit_every)
+                                      audit_every=audit_every(args.steps))
     resumed.attach("cnn4_dialation", co.Fixed((..., 1, 1), 0.0))
     resumed.load_state_dict(checkpoint["opt"])
     print("model state_dict keys unchanged:", list(checkpoint["model"]) == list(BaseModel().state_dict()))

@@ -8,9 +8,15 @@ projected onto the symmetric tensors, so only the set's free directions ever mov
 parameter is projected back after every step (``(W + T(W)) / 2``, symmetric bitwise).
 
 The script trains ``W`` with Adam to match a symmetric teacher, checks the symmetry exactly
-(``torch.equal``) after training, compares with the question's own symmetrise-in-forward model,
-and counts the free parameters the set leaves: its dimension is the number of orbits of the
-index map ``(i, j, a, b) -> (j, i, ks-1-a, ks-1-b)``, ``(nf^2 ks^2 + nf [ks odd]) / 2``.
+(``torch.equal``) after training, and counts the free parameters the set leaves: its dimension
+is the number of orbits of the index map ``(i, j, a, b) -> (j, i, ks-1-a, ks-1-b)``, which is
+``(nf^2 ks^2 + nf [ks odd]) / 2``, and the rank of the library's projection. ``W`` is still
+stored in full; what the set removes is the directions the optimizer can move in.
+
+It also trains the question's own symmetrise-in-forward model from the same start: the swap-flip
+only permutes entries, so Adam (without weight decay) gives the same ``W`` both ways, up to
+rounding. The difference: here the parameter itself is the symmetric tensor (what you read, save
+or export), and ``forward`` does no extra work.
 
     python examples/transpose_flip_symmetry.py --steps 100 --nf 4 --ks 3
 """
@@ -68,15 +74,20 @@ def orbit_count(nf: int, ks: int) -> int:
 
 
 def projector_rank(nf: int, ks: int) -> int:
-    """Rank of the library's projection as a matrix: the dimension of the set it projects on."""
+    """Rank of the library's projection as a matrix (``opt.project_()`` applied to every unit
+    tensor): the dimension of the set it projects onto."""
     n = nf * nf * ks * ks
-    probe = torch.nn.Parameter(torch.zeros(nf, nf, ks, ks, dtype=torch.float64))
-    bound = co.Symmetric(dims=(0, 1), flip=(2, 3)).bind(probe, "W")
-    columns = torch.eye(n, dtype=torch.float64).view(n, nf, nf, ks, ks).clone()
+    holder = nn.Module()
+    holder.W = nn.Parameter(torch.zeros(nf, nf, ks, ks, dtype=torch.float64))
+    opt = co.ConstrainedOptimizer(torch.optim.SGD(holder.parameters(), lr=0.0), holder)
+    opt.attach("W", co.Symmetric(dims=(0, 1), flip=(2, 3)))
+    columns = torch.eye(n, dtype=torch.float64)
     with torch.no_grad():
         for column in columns:
-            bound.project_(column)
-    return int(torch.linalg.matrix_rank(columns.view(n, n)))
+            holder.W.copy_(column.view_as(holder.W))
+            opt.project_()
+            column.copy_(holder.W.flatten())
+    return int(torch.linalg.matrix_rank(columns))
 
 
 def main(argv=None) -> None:

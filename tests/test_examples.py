@@ -19,7 +19,6 @@ from constrained_optim.__main__ import main as cli
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
-
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None  # the optional [plot] extra
 
 
@@ -57,11 +56,9 @@ def outputs(tmp_path_factory):
     return done, plot
 
 
-@pytest.fixture
-def output(request, outputs):
-    """The stdout of the command named after the test, failing on a non-zero exit."""
-    done, _ = outputs
-    proc = done[request.node.originalname.removeprefix("test_")]
+def stdout(outputs, name: str) -> str:
+    """The stdout of command ``name``, failing on a non-zero exit."""
+    proc = outputs[0][name]
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc.stdout
 
@@ -77,8 +74,8 @@ def test_every_example_is_run():
     assert {p.stem for p in EXAMPLES.glob("*.py")} == run_here
 
 
-def test_tied_kernel(output):
-    out = output
+def test_tied_kernel(outputs):
+    out = stdout(outputs, "tied_kernel")
     assert "question's code reproduces the numbers it printed: True" in out
     assert "[[a+b, a-b], [a-b, a+b]] bitwise: True" in out
     assert number(r"Tied and Subspace give the same kernels: max \|difference\| (\S+)", out) < 1e-6
@@ -89,8 +86,8 @@ def test_tied_kernel(output):
     assert "conv.weight" in out  # the audit table
 
 
-def test_transpose_flip_symmetry(output):
-    out = output
+def test_transpose_flip_symmetry(outputs):
+    out = stdout(outputs, "transpose_flip_symmetry")
     assert "W == T(W) exactly (torch.equal) after training: True" in out
     assert "W[i, j, a, b] == W[j, i, ks-1-a, ks-1-b] for every index: True" in out
     # (nf^2 ks^2 + nf) / 2 = (144 + 4) / 2 for nf = 4, ks = 3
@@ -105,17 +102,19 @@ def test_transpose_flip_symmetry(output):
 @pytest.mark.parametrize("nf, ks", [(1, 1), (3, 2), (2, 3), (4, 4), (3, 5)])
 def test_free_parameter_count_of_the_transpose_flip_set(nf, ks):
     """Orbit count by enumeration, the closed form and the rank of the library's projection."""
-    spec = importlib.util.spec_from_file_location("transpose_flip_symmetry", EXAMPLES / "transpose_flip_symmetry.py")
+    path = EXAMPLES / "transpose_flip_symmetry.py"
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     closed_form = (nf * nf * ks * ks + nf * (ks % 2)) // 2
     assert example.orbit_count(nf, ks) == closed_form == example.projector_rank(nf, ks)
 
 
-def test_filter_transform(output):
-    out = output
+def test_filter_transform(outputs):
+    out = stdout(outputs, "filter_transform")
     assert "question's .data assignment: the transformation's gradient is None: True" in out
-    rows = re.findall(r"^│\s+(\d+) │\s+(\S+) │\s+(\S+) │\s+(\S+) │$", out, re.M)  # the 4-column table
+    # the per-step table (4 columns; the audit table has 7)
+    rows = re.findall(r"^│\s+(\d+) │\s+(\S+) │\s+(\S+) │\s+(\S+) │$", out, re.M)
     assert len(rows) >= 5, out
     assert all(float(grad) > 0 for _, _, grad, _ in rows)  # the gradient reaches the map
     assert all(float(res) < 1e-5 for _, _, _, res in rows)  # orthogonal after every shown step
@@ -125,8 +124,8 @@ def test_filter_transform(output):
     assert "check(): every constrained parameter is on its set" in out
 
 
-def test_frozen_centre(output):
-    out = output
+def test_frozen_centre(outputs):
+    out = stdout(outputs, "frozen_centre")
     for name in ("SGD-momentum", "Adam", "AdamW"):
         line = re.search(rf"^{name} +centre max \|w\|: (.*)$", out, re.M)
         assert line, out
@@ -140,8 +139,8 @@ def test_frozen_centre(output):
     assert "check(): every constrained parameter is on its set" in out
 
 
-def test_pruning_nm(output, outputs):
-    out, (_, plot) = output, outputs
+def test_pruning_nm(outputs):
+    out, plot = stdout(outputs, "pruning_nm"), outputs[1]
     assert "every group of 4 holds at most 2 non-zeros: True; zero fraction 0.500" in out
     assert "pattern is the one chosen at attach (fixed=True): True" in out
     assert "fc1.weight" in out and "fc3.weight" in out  # the audit table
@@ -150,8 +149,8 @@ def test_pruning_nm(output, outputs):
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_demo(output):
-    out = output
+def test_demo(outputs):
+    out = stdout(outputs, "demo")
     listed = re.findall(r"^  (\S+)\.weight \(", out, re.M)
     assert len(listed) >= 3 + hasattr(co, "Orthogonal") + hasattr(co, "MaxNorm"), out
     assert f"check(): all {len(listed)} constrained parameters are on their sets" in out
