@@ -108,6 +108,8 @@ BOX_HIGH = torch.tensor([0.5, 1.0, 2.0, 0.0])
 NONLINEAR_MASK = torch.tensor([[[True, False], [True, True]], [[False, True], [True, True]],
                                [[True, True], [True, True]]])  # not constant on TIED_LABELS groups
 HALFSPACE_A = torch.tensor([[1.0, -2.0, 0.5], [0.0, 1.0, 1.0]])
+SUBSPACE_ROWS = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])  # does not commute with HELD_ENDS
+HELD_ENDS = torch.tensor([[True, False, False], [False, False, True]])
 
 
 def _relu_max(t: torch.Tensor) -> float:
@@ -267,7 +269,10 @@ NONLINEAR_CASES: list[Case] = [
          feasible=_symmetric_centre_zero),
     Case("Intersection-mask-tied", lambda: co.Intersection(co.Mask(NONLINEAR_MASK), co.Tied(TIED_LABELS)),
          (3, 2, 2), lambda x: max(_max(x[~NONLINEAR_MASK]), _tied_violation(x, TIED_LABELS)),
-         linear=True, convex=True, feasible=_mask_tied_feasible),
+         exact=True, linear=True, convex=True, feasible=_mask_tied_feasible),
+    Case("Intersection-subspace-fixed", lambda: co.Subspace(SUBSPACE_ROWS) & co.Fixed(HELD_ENDS, 0.0), (2, 3),
+         lambda x: max(_in_span(x, SUBSPACE_ROWS), _max(x[HELD_ENDS])), linear=True, convex=True,
+         feasible=lambda g, s, d: torch.randn(2, 1, generator=g, dtype=d) * torch.tensor([[0.0, 1, 1], [1, 1, 0]], dtype=d)),
     Case("Intersection-tied-nonnegative", lambda: co.Tied(TIED_LABELS) & co.NonNegative(), (3, 2, 2),
          lambda x: max(_relu_max(-x), _tied_violation(x, TIED_LABELS)), convex=True, feasible=_tied_nonneg),
     Case("Intersection-ball-box", lambda: co.NormBall(2.0) & co.Box(0.0, 1.0), (3, 4),

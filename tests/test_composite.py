@@ -12,7 +12,13 @@ from scipy.optimize import minimize
 
 import constrained_optim as co
 from constrained_optim.constraints import composite
-from constrained_optim.constraints.composite import AlternatingLinear, ExplicitLinear, IntersectionBound, InTurn
+from constrained_optim.constraints.composite import (
+    AlternatingLinear,
+    ExplicitLinear,
+    IntersectionBound,
+    InTurn,
+    Joined,
+)
 
 TIED = torch.tensor([[0, 1], [1, 0]])
 MASK = torch.tensor([[[True, False], [True, True]], [[False, True], [True, True]], [[True, True], [True, True]]])
@@ -88,34 +94,46 @@ def test_mask_and_box_are_one_exact_pass_in_either_order():
 
 
 def test_commuting_linear_sets_are_one_exact_pass():
-    """The transpose-flip symmetry maps kernel centres to kernel centres: it commutes with holding
-    the centre, so the two projections in turn are the projection onto the intersection, bitwise."""
-    bound = bound_of(co.Symmetric(flip=(2, 3)) & co.Fixed((..., 1, 1), 0.0), (3, 3, 3, 3), torch.float32)
+    """Averaging the first two entries of each row commutes with holding the third: the two
+    projections in turn are the projection onto the intersection."""
+    basis = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    held = torch.tensor([False, False, True])
+    bound = bound_of(co.Subspace(basis) & co.Fixed(held, 0.0), (4, 3))
     assert bound.exact and isinstance(bound.tangent, InTurn)
-    y = projected(bound, torch.randn(3, 3, 3, 3))
-    assert torch.equal(y, y.transpose(0, 1).flip(2, 3)) and bool((y[..., 1, 1] == 0).all())
+    x = torch.randn(4, 3, dtype=torch.float64)
+    expected = torch.stack([(x[:, 0] + x[:, 1]) / 2, (x[:, 0] + x[:, 1]) / 2, torch.zeros(4, dtype=x.dtype)], 1)
+    torch.testing.assert_close(projected(bound, x), expected, rtol=0, atol=1e-14)
 
 
 # -- linear sets that do not commute -------------------------------------------------------------------
+SIGN_FLIP = [lambda x: x, lambda x: -x.flip(-1)]  # x_i = -x_{n-1-i}
+
+
 def linear_cases():
     basis = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
     held = torch.tensor([[True, False, False], [False, False, True]])
+    labels = torch.tensor([[0, 0, 1], [2, 3, 3], [4, 4, 4]])
     return [
-        ("mask-tied", co.Mask(MASK), co.Tied(TIED), (3, 2, 2),
+        ("mask-tied", co.Mask(MASK), co.Tied(TIED), (3, 2, 2), Joined,
          held_rows(~MASK.numpy()) + tied_rows((3, 2, 2), TIED)),
-        ("subspace-fixed", co.Subspace(basis), co.Fixed(held, 0.0), (2, 3),
+        ("subspace-fixed", co.Subspace(basis), co.Fixed(held, 0.0), (2, 3), ExplicitLinear,
          held_rows(held.numpy()) + [np.kron(np.eye(2)[i], np.array([1.0, -1.0, 1.0])) for i in range(2)]),
-        ("symmetric-tied", co.Symmetric(), co.Tied(torch.tensor([[0, 0, 1], [2, 3, 3], [4, 4, 4]])), (3, 3),
+        ("symmetric-tied", co.Symmetric(), co.Tied(labels), (3, 3), Joined,
          [np.eye(9)[3 * i + j] - np.eye(9)[3 * j + i] for i in range(3) for j in range(i + 1, 3)]
-         + tied_rows((3, 3), torch.tensor([[0, 0, 1], [2, 3, 3], [4, 4, 4]]))),
+         + tied_rows((3, 3), labels)),
+        ("signs-tied", co.Invariant(SIGN_FLIP), co.Tied(torch.tensor([0, 1, 0, 1])), (2, 4), Joined,
+         [np.eye(8)[4 * r + i] + np.eye(8)[4 * r + 3 - i] for r in range(2) for i in range(2)]
+         + tied_rows((2, 4), torch.tensor([0, 1, 0, 1]))),
+        ("odd-sign-cycle", co.Invariant(SIGN_FLIP), co.Tied(torch.tensor([0, 1, 1, 0])), (4,), Joined,
+         [np.eye(4)[i] + np.eye(4)[3 - i] for i in range(2)] + tied_rows((4,), torch.tensor([0, 1, 1, 0]))),
     ]
 
 
-@pytest.mark.parametrize("name, a, b, shape, rows", linear_cases(), ids=[c[0] for c in linear_cases()])
-def test_non_commuting_linear_sets_project_exactly_onto_the_intersection(name, a, b, shape, rows):
+@pytest.mark.parametrize("name, a, b, shape, kind, rows", linear_cases(), ids=[c[0] for c in linear_cases()])
+def test_non_commuting_linear_sets_project_exactly_onto_the_intersection(name, a, b, shape, kind, rows):
     """Set and gradient projections equal the null-space projector of the stacked constraints."""
     bound = bound_of(a & b, shape)
-    assert isinstance(bound.tangent, ExplicitLinear) and bound.exact
+    assert isinstance(bound.tangent, kind) and bound.exact
     n = int(np.prod(shape))
     reference = null_space_projector(rows, n)
     gen = torch.Generator().manual_seed(0)
@@ -128,21 +146,57 @@ def test_non_commuting_linear_sets_project_exactly_onto_the_intersection(name, a
         np.testing.assert_allclose(g.numpy().reshape(-1), reference @ x.numpy().reshape(-1), atol=1e-10)
 
 
+def test_joined_holds_and_ties_are_bitwise_in_float32():
+    """Held values, zeros and ties come out exact, not to rounding, however the sets overlap."""
+    held = torch.zeros(3, 3, dtype=torch.bool)
+    held[0, 2] = True  # ties to (2, 0) by symmetry, and to (0, 0), (0, 1) by the labels
+    constraint = co.Fixed(held, 0.3) & co.Tied(torch.tensor([[0, 0, 0], [1, 2, 3], [4, 4, 5]])) & co.Symmetric()
+    bound = bound_of(constraint, (3, 3), torch.float32)
+    assert isinstance(bound.tangent, Joined)
+    y = projected(bound, torch.randn(3, 3))
+    # (0, 2) is held; labels tie row 0 and (2, 0) with (2, 1); symmetry ties (1, 2) to (2, 1):
+    # one component, held at 0.3, leaving only the diagonal entries (1, 1) and (2, 2) free
+    free = torch.zeros(3, 3, dtype=torch.bool)
+    free[1, 1] = free[2, 2] = True
+    assert bool((y[~free] == torch.tensor(0.3)).all())
+    assert bool((y[free] != torch.tensor(0.3)).all())
+    g = torch.randn(3, 3)
+    bound.project_grad_(g, y)
+    assert bool((g[0] == 0).all()) and torch.equal(g, g.T)
+
+
+def test_joined_conflicting_values_are_an_empty_intersection():
+    held_a = torch.tensor([True, False, False])
+    held_b = torch.tensor([False, False, True])
+    bound = bound_of(co.Fixed(held_a, 1.0) & co.Fixed(held_b, 3.0) & co.Tied(torch.tensor([0, 0, 0])), (3,))
+    y = projected(bound, torch.zeros(3, dtype=torch.float64))
+    assert float(torch.linalg.vector_norm(bound.residual(y))) > 1.0
+
+
 def test_non_commuting_affine_sets_land_on_the_nearest_point():
     """``Fixed`` with values and ``Tied``: the affine intersection, nearest point by brute force."""
     held = torch.tensor([[True, False], [False, False]])
     bound = bound_of(co.Fixed(held, 2.0) & co.Tied(torch.tensor([[0, 0], [1, 1]])), (2, 2))
     x = torch.tensor([[0.0, 1.0], [3.0, 5.0]], dtype=torch.float64)
     torch.testing.assert_close(projected(bound, x), torch.tensor([[2.0, 2.0], [4.0, 4.0]], dtype=torch.float64))
-    assert float(torch.linalg.vector_norm(bound.residual(projected(bound, x)))) < 1e-12
+    assert float(torch.linalg.vector_norm(bound.residual(projected(bound, x)))) == 0.0
+    # the same set through the explicit path (an affine span that is not a tying)
+    offset_bound = bound_of(co.Affine(torch.tensor([[1.0, 1.0]]), torch.tensor([0.0, 1.0])) & co.Fixed(
+        torch.tensor([True, False]), 2.0), (2,))
+    assert isinstance(offset_bound.tangent, ExplicitLinear)
+    torch.testing.assert_close(projected(offset_bound, torch.zeros(2, dtype=torch.float64)),
+                               torch.tensor([2.0, 3.0], dtype=torch.float64))
 
 
 def test_large_non_commuting_linear_sets_alternate_to_tolerance(monkeypatch):
     monkeypatch.setattr(composite, "EXPLICIT_MAX", 0)
-    bound = bound_of(co.Mask(MASK) & co.Tied(TIED), (3, 2, 2))
+    basis = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    held = torch.tensor([[True, False, False], [False, False, True]])
+    bound = bound_of(co.Subspace(basis) & co.Fixed(held, 0.0), (2, 3))
     assert isinstance(bound.tangent, AlternatingLinear)
-    reference = null_space_projector(held_rows(~MASK.numpy()) + tied_rows((3, 2, 2), TIED), 12)
-    x = torch.randn(3, 2, 2, dtype=torch.float64)
+    rows = held_rows(held.numpy()) + [np.kron(np.eye(2)[i], np.array([1.0, -1.0, 1.0])) for i in range(2)]
+    reference = null_space_projector(rows, 6)
+    x = torch.randn(2, 3, dtype=torch.float64)
     np.testing.assert_allclose(projected(bound, x).numpy().reshape(-1), reference @ x.numpy().reshape(-1), atol=1e-12)
 
 

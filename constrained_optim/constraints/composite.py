@@ -5,6 +5,11 @@ An intersection is projected exactly where it can be and by Dykstra's algorithm 
 - sets that are all products of per-entry intervals (`Mask`, `Fixed`, `Box`, `NonNegative`, a
   fixed `NMSparsity` pattern) are projected in turn, once: clamping to one interval and then to
   another is clamping to their intersection;
+- sets that hold, tie or sign-tie entries (`Mask`, `Fixed`, `Tied`, `Symmetric`, `Invariant`
+  over signed permutations, a fixed `NMSparsity` pattern) are joined at attach into one such set:
+  entries connected through any member's groups share one value (with the signs the ties
+  imply), a component that contains a held entry or an odd sign cycle is held, so the joined
+  projection is again a group mean, bitwise exact at any size;
 - linear and affine sets whose projections commute (checked at attach on random probes) are
   projected in turn, once; the product of commuting orthogonal projections is the orthogonal
   projection onto the intersection;
@@ -28,6 +33,8 @@ import torch
 
 from ..errors import ConstraintError, describe
 from .base import Bound, Constraint, LowPrecisionBound
+from .coordinate import FixedBound, MaskBound
+from .symmetry import SymmetricBound, TiedBound, swap_flip, tied_project_
 
 #: largest parameter (in entries) whose non-commuting linear sets are merged into one explicit
 #: orthogonal projection at attach (an ``n x n`` float64 eigen-decomposition)
@@ -209,6 +216,142 @@ class InTurn:
             b.project_grad_(g, x)
 
 
+class Joined:
+    """Sets that hold or (sign-)tie entries, joined into one: ``x_i = w_i c_g(i) + x0_i``, with
+    ``w_i = +-1`` on free components and ``0`` on held ones, whose values ``x0`` are fixed."""
+
+    linear = True
+
+    def __init__(self, group_ids, weights, x0):
+        n_groups = int(group_ids.max()) + 1 if group_ids.numel() else 0
+        self.group_ids, self.n_groups, self.weights = group_ids, n_groups, weights
+        counts = torch.bincount(group_ids, weights.abs().double(), minlength=n_groups)
+        self.counts = counts.clamp_min(1).to(weights.dtype)
+        self.scale_weights = weights.abs()
+        self.x0 = x0 if bool((x0 != 0).any()) else None
+
+    def _tie_(self, x, weights):
+        flat = x.view(1, -1) if x.is_contiguous() else x.reshape(1, -1).clone()
+        tied_project_(flat, self.group_ids, self.counts, self.n_groups, weights)
+        if flat.data_ptr() != x.data_ptr():
+            x.copy_(flat.view(x.shape))
+
+    def project_(self, x):
+        self._tie_(x, self.weights)
+        if self.x0 is not None:
+            x.add_(self.x0.view(x.shape))
+
+    def project_grad_(self, g, x):
+        self._tie_(g, self.weights)
+
+    def project_scale_(self, v):
+        self._tie_(v, self.scale_weights)
+
+
+def partition_of(bound: Bound, like: torch.Tensor):
+    """``(group, weight, held_value)`` over the flattened parameter if the bound's set is
+    ``{x : x_i = w_i c_group(i)}`` with ``w_i`` in {-1, 0, 1} and held entries (``w_i = 0``) at
+    ``held_value``; None for other sets."""
+    n, device = like.numel(), like.device
+    own = torch.arange(n, device=device)
+    zeros = torch.zeros(n, dtype=torch.float64, device=device)
+    if isinstance(bound, MaskBound):
+        return own, bound.keep.expand(like.shape).reshape(-1).double(), zeros
+    if isinstance(bound, FixedBound):
+        held = torch.zeros(like.shape, dtype=torch.bool, device=device)
+        held[bound.index] = True
+        values = torch.zeros(like.shape, dtype=torch.float64, device=device)
+        values[bound.index] = bound.values.double()
+        return own, (~held).reshape(-1).double(), values.reshape(-1)
+    if isinstance(bound, TiedBound):
+        p = bound.group_ids.numel()
+        lead = torch.arange(n // p, device=device).unsqueeze(1) * bound.n_groups
+        group = (lead + bound.group_ids.unsqueeze(0)).reshape(-1)
+        weight = (torch.ones(p, dtype=torch.float64, device=device) if bound.weights is None
+                  else bound.weights.double()).repeat(n // p)
+        return group, weight, zeros
+    if isinstance(bound, SymmetricBound):
+        partner = swap_flip(own.view(like.shape), bound.dims, bound.flip).reshape(-1)
+        return torch.minimum(own, partner), torch.ones(n, dtype=torch.float64, device=device), zeros
+    return None
+
+
+def components(n_nodes: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Connected components of the graph with edges ``(u_k, v_k)``: each node's smallest member,
+    by hooking and pointer jumping (vectorised, a few rounds for the graphs tying makes)."""
+    label = torch.arange(n_nodes, device=u.device)
+    while True:
+        lu, lv = label[u], label[v]
+        low = torch.minimum(lu, lv)
+        new = label.clone()
+        for ends in (u, v, lu, lv):
+            new.scatter_reduce_(0, ends, low, reduce="amin")
+        while True:
+            jumped = new[new]
+            if torch.equal(jumped, new):
+                break
+            new = jumped
+        if torch.equal(new, label):
+            return label
+        label = new
+
+
+def join_partitions(parts, like: torch.Tensor) -> Joined:
+    """The intersection of sets given by `partition_of`, as one `Joined` set."""
+    n, device = like.numel(), like.device
+    us, vs = [], []
+    held = torch.zeros(n, dtype=torch.bool, device=device)
+    value = torch.zeros(n, dtype=torch.float64, device=device)
+    value_set = torch.zeros(n, dtype=torch.bool, device=device)
+    conflict = torch.zeros(n, dtype=torch.bool, device=device)
+    own = torch.arange(n, device=device)
+    for group, weight, held_value in parts:
+        is_held = weight == 0
+        # held entries: their values must agree across members
+        fresh = is_held & ~value_set
+        clash = is_held & value_set & (value != held_value)
+        conflict |= clash
+        value = torch.where(fresh, held_value, value)
+        value_set |= is_held
+        held |= is_held
+        # tie every free entry to its group's first free member, with the relative sign
+        free = ~is_held
+        first = torch.full((int(group.max()) + 1 if n else 0,), n, dtype=torch.long, device=device)
+        first.scatter_reduce_(0, group[free], own[free], reduce="amin")
+        rep = first[group]
+        link = free & (rep < n) & (rep != own)
+        i, j = own[link], rep[link]
+        sign = weight[link] * weight[j]
+        # the signed double cover: node i is (i, +), node i + n is (i, -)
+        same = sign > 0
+        us += [i, i + n]
+        vs += [torch.where(same, j, j + n), torch.where(same, j + n, j)]
+    u = torch.cat(us) if us else own[:0]
+    v = torch.cat(vs) if vs else own[:0]
+    label = components(2 * n, u, v)
+    pos, neg = label[:n], label[n:]
+    odd = pos == neg  # an odd sign cycle: x_i = -x_i, so the component is 0
+    _, comp = torch.unique(torch.minimum(pos, neg), return_inverse=True)
+    sign = torch.where(pos < neg, 1.0, -1.0).double()
+    n_comp = int(comp.max()) + 1 if n else 0
+
+    def per_comp(values, reduce):
+        out = torch.zeros(n_comp, dtype=values.dtype, device=device)
+        return out.scatter_reduce_(0, comp, values, reduce=reduce, include_self=False)
+
+    pinned = per_comp((held | odd).double(), "amax")[comp] > 0
+    # a held component's value c (x_i = sign_i c) from its held entries; their mean where they
+    # disagree (an empty intersection, which the residual then shows)
+    n_held = per_comp(held.double(), "sum")
+    c = per_comp(torch.where(held, sign * value, 0.0), "sum") / n_held.clamp_min(1)
+    c = torch.where(per_comp((held | odd).double() * odd.double(), "amax") > 0, 0.0, c)
+    x0 = torch.where(held, value, sign * c[comp])
+    x0 = torch.where(pinned, x0, 0.0)
+    weights = torch.where(pinned, 0.0, sign)
+    _, compact = torch.unique(comp, return_inverse=True)
+    return Joined(compact, weights.to(like.dtype), x0.to(like.dtype))
+
+
 class ExplicitLinear:
     """The orthogonal projection onto an affine intersection ``x0 + T``, ``T`` spanned by the
     orthonormal columns of ``q``, ``x0`` orthogonal to ``T``: ``x <- q q^T x + x0``."""
@@ -370,7 +513,10 @@ class IntersectionBound(Bound):
         blocks: list = []
         self.tangent = None
         if lin:
-            if len(lin) == 1 or commute(lin, self.like):
+            parts = [partition_of(b, self.like) for b in lin] if len(lin) > 1 else [None]
+            if all(p is not None for p in parts):
+                self.tangent = join_partitions(parts, self.like)
+            elif len(lin) == 1 or commute(lin, self.like):
                 self.tangent = InTurn(lin)
             elif self.like.numel() <= EXPLICIT_MAX:
                 self.tangent = explicit_linear(lin, self.like)
@@ -412,7 +558,12 @@ class IntersectionBound(Bound):
             b.project_grad_(g, x)
 
     def project_scale_(self, v):
-        for b in self.members:
+        if isinstance(self.tangent, Joined):
+            self.tangent.project_scale_(v)
+            members = [b for b in self.members if not b.linear]
+        else:
+            members = self.members
+        for b in members:
             b.project_scale_(v)
 
     def state_tensors(self):
