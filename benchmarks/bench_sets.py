@@ -1,7 +1,8 @@
 """What the non-linear sets' fast paths buy, as ratios measured in one run (A and B interleaved,
 medians):
 
-- ``Box``: the grouped ``torch._foreach_clamp_*`` path over many tensors vs one clamp per tensor;
+- ``Box``: the grouped path (one ``torch._foreach_clamp_*`` call per side for small tensors, one
+  fused clamp per large tensor) vs one clamp per tensor, and vs ``_foreach`` for every size;
 - ``MaxNorm``: one ``vector_norm(keepdim=True)`` and an in-place scale vs a loop over units;
 - ``Simplex``: the batched sort-based projection vs the same formula per unit;
 - ``Orthogonal``: the gradient projection at the parameter it just projected (no SVD) vs at a
@@ -51,11 +52,14 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'':<44} {'A ms':>9} {'B ms':>9} {'B / A':>8}")
 
-    xs = [torch.randn(256, 256) for _ in range(64)]
-    bounds = [bind(co.Box(-0.5, 0.5), x.clone()) for x in xs]
-    compare("Box, 64 x (256, 256): foreach (A) / loop (B)",
-            lambda: BoxBound.project_all_(bounds, xs), lambda: [b.project_(x) for b, x in zip(bounds, xs)],
-            args.repeats)
+    for count, shape in ((512, (32, 32)), (64, (256, 256))):
+        xs = [torch.randn(shape) for _ in range(count)]
+        bounds = [bind(co.Box(-0.5, 0.5), x.clone()) for x in xs]
+        compare(f"Box, {count} x {shape}: grouped (A) / loop (B)",
+                lambda: BoxBound.project_all_(bounds, xs), lambda: [b.project_(x) for b, x in zip(bounds, xs)],
+                args.repeats)
+        compare(f"Box, {count} x {shape}: grouped (A) / two foreach (B)", lambda: BoxBound.project_all_(bounds, xs),
+                lambda: (torch._foreach_clamp_min_(xs, -0.5), torch._foreach_clamp_max_(xs, 0.5)), args.repeats)
 
     w = torch.randn(1024, 512, 3, 3)
     bound = bind(co.MaxNorm(1.0), w.clone())

@@ -59,6 +59,8 @@ def test_grouped_path_equals_per_tensor_path_with_mixed_bounds():
         (co.NonNegative(), (7,)),
         (co.Box(high=torch.full((2, 1, 1), 0.25)), (2, 3, 3)),
         (co.NormBall(0.3, p=float("inf")), (4,)),
+        (co.Box(-0.5, torch.zeros(130, 1)), (130, 130)),  # large: clamped alone, in one pass
+        (co.Box(-0.25, 0.25), (130, 130)),
     ]
     bounds = [bind(c, s) for c, s in specs]
     assert {type(b) for b in bounds} == {BoxBound}

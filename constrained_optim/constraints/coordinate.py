@@ -276,29 +276,52 @@ def _bound_value(v, what):
     return float(v)
 
 
+#: below this many entries a tensor's clamp is dominated by per-call overhead, so a group of
+#: them goes through one ``torch._foreach_*`` call per side; above it one fused clamp per tensor
+#: (a single pass over memory) is faster (measured in benchmarks/bench_sets.py)
+FOREACH_MAX_NUMEL = 16384
+
+
 class BoxBound(Bound):
     coordinatewise = True
 
     def __init__(self, constraint, name, param, low, high):
         super().__init__(constraint, name, param)
         self.low, self.high = low, high
+        # one fused pass where both bounds are of one kind (scalars, or tensors)
+        self.fused = low is not None and high is not None and type(low) is type(high)
 
     def project_(self, x):
-        box_project_(x, self.low, self.high)
+        if self.fused:
+            x.clamp_(self.low, self.high)
+        else:
+            box_project_(x, self.low, self.high)
 
     def state_tensors(self):
         return {k: v for k, v in (("low", self.low), ("high", self.high)) if isinstance(v, torch.Tensor)}
 
     @classmethod
     def project_all_(cls, bounds, xs):
+        small = []
+        for b, x in zip(bounds, xs):
+            if x.numel() >= FOREACH_MAX_NUMEL:
+                b.project_(x)
+            else:
+                small.append((b, x))
         for side, op in (("low", torch._foreach_clamp_min_), ("high", torch._foreach_clamp_max_)):
-            scalars = [(x, getattr(b, side)) for b, x in zip(bounds, xs)
-                       if isinstance(getattr(b, side), float)]
-            tensors = [(x, getattr(b, side)) for b, x in zip(bounds, xs)
-                       if isinstance(getattr(b, side), torch.Tensor)]
-            for pairs in (scalars, tensors):
-                if pairs:
-                    op([x for x, _ in pairs], [v for _, v in pairs])
+            by_scalar: dict[float, list] = {}
+            tensors, bounds_t = [], []
+            for b, x in small:
+                v = getattr(b, side)
+                if isinstance(v, float):
+                    by_scalar.setdefault(v, []).append(x)
+                elif v is not None:
+                    tensors.append(x)
+                    bounds_t.append(v)
+            for v, group in by_scalar.items():
+                op(group, v)
+            if tensors:
+                op(tensors, bounds_t)
 
 
 def check_broadcast(shape, param, name, constraint, what) -> None:

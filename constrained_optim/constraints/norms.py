@@ -42,10 +42,10 @@ def simplex_rows(v: torch.Tensor, radius: float) -> torch.Tensor:
     in decreasing order and ``rho`` the largest ``j`` with ``u_j > (sum_{i <= j} u_i - r) / j``.
     The running sums are taken in float64 so ``sum(w) = r`` to the working precision.
     """
-    u = v.sort(dim=1, descending=True).values.to(torch.float64)
-    excess = u.cumsum(1).sub_(radius)
+    u = v.sort(dim=1, descending=True).values
+    excess = u.cumsum(1, dtype=torch.float64).sub_(radius)
     ranks = torch.arange(1, v.shape[1] + 1, dtype=torch.float64, device=v.device)
-    rho = (u * ranks > excess).sum(1, keepdim=True)  # the condition holds on a prefix, rho >= 1
+    rho = (excess < u * ranks).sum(1, keepdim=True)  # the condition holds on a prefix, rho >= 1
     theta = excess.gather(1, rho - 1).div_(rho)
     return (v - theta.to(v.dtype)).clamp_min_(0)
 
