@@ -120,3 +120,18 @@ def test_grouped_path_equals_per_tensor_path(dtype):
         members = [i for i, b in enumerate(bounds) if type(b) is kind]
         kind.project_all_([bounds[i] for i in members], [grouped[i] for i in members])
     assert all(torch.equal(a, b) for a, b in zip(singles, grouped))
+
+
+def test_two_attaches_on_a_half_precision_parameter_intersect_in_float32():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 2, 3).to(torch.bfloat16))
+    opt = co.ConstrainedOptimizer(torch.optim.Adam([p], lr=0.05)).attach(p, co.Mask(MASK)).attach(p, co.Tied(LABELS))
+    bound = opt.engine.bounds[p]
+    assert isinstance(bound, LowPrecisionBound) and bound.inner.linear
+    check = CHECKS["Mask&Tied"][2]
+    for _ in range(4):
+        opt.zero_grad()
+        (p.float() - 1).pow(2).sum().backward()
+        opt.step()
+        assert check(p.detach())
+    assert opt.audit.last[0].residual == 0.0

@@ -189,7 +189,8 @@ def intersect_bounds(old: Bound, new: Bound, param: torch.Tensor, name: str) -> 
     inner_new = new.inner if isinstance(new, LowPrecisionBound) else new
     members = [*_members(inner_old), *_members(inner_new)]
     constraint = Intersection(*[b.constraint for b in members])
-    like = param.detach().float() if wrapped else param
+    dtype = torch.float32 if wrapped else param.dtype
+    like = torch.empty((), dtype=dtype, device=param.device).expand(tuple(param.shape))
     bound = IntersectionBound.build(constraint, name, like, members)
     return LowPrecisionBound.wrap(bound, param) if wrapped else bound
 
@@ -492,7 +493,8 @@ class IntersectionBound(Bound):
         self.max_iter = getattr(constraint, "max_iter", 200)
         tol = getattr(constraint, "tol", None)
         self.tol = tol if tol is not None else 16 * _eps(param.dtype)
-        self.like = torch.empty(param.shape, dtype=param.dtype, device=param.device)
+        # shape, dtype and device for the probes planning takes (an expanded empty: no memory)
+        self.like = torch.empty((), dtype=param.dtype, device=param.device).expand(tuple(param.shape))
         self.coordinatewise = all(b.coordinatewise for b in members)
         self.sweeps = 0
         self._plan()
