@@ -305,6 +305,12 @@ def test_dykstra_short_of_convergence_shows_in_the_residual():
     assert float(torch.linalg.vector_norm(bound.residual(y))) > 1e-3
 
 
+def test_dykstra_stops_at_once_on_non_finite_values():
+    bound = bound_of(co.NormBall(1.0) & co.Box(0.0, 2.0), (3,))
+    y = projected(bound, torch.tensor([float("nan"), 1.0, 2.0], dtype=torch.float64))
+    assert bound.sweeps == 1 and bool(y.isnan().any())
+
+
 def test_intersection_state_round_trips_and_rebuilds_its_plan():
     shape = (3, 2, 2)
     b1 = bound_of(co.Mask(MASK) & co.Tied(TIED), shape)

@@ -479,7 +479,8 @@ def dykstra_(x: torch.Tensor, blocks, max_iter: int, tol: float) -> int:
                 blk.project_(x)
                 inc.sub_(x)
             moved += torch.linalg.vector_norm(before.sub_(x)) ** 2
-        if float(moved) <= limit * limit:
+        total = float(moved)
+        if total <= limit * limit or total != total:  # converged, or NaN (the engine reports it)
             return sweep
     return max_iter
 
