@@ -186,10 +186,10 @@ def _in_ball(g, s, d, radius, p=2):
     return y / norm * radius * float(torch.rand((), generator=g, dtype=d))
 
 
-def _in_unit_balls(g, s, d, radius, dims):
+def _in_unit_balls(g, s, d, radius, dims, p=2):
     y = torch.randn(s, generator=g, dtype=d)
     scale = torch.rand([1 if i in dims else n for i, n in enumerate(s)], generator=g, dtype=d)
-    return y / torch.linalg.vector_norm(y, dim=dims, keepdim=True) * radius * scale
+    return y / torch.linalg.vector_norm(y, p, dim=dims, keepdim=True) * radius * scale
 
 
 def _in_simplex(g, s, d, dim, radius):
@@ -231,7 +231,8 @@ NONLINEAR_CASES: list[Case] = [
     Case("NormBall-1", lambda: co.NormBall(2.0, p=1), (3, 5), lambda x: _ball_violation(x, 2.0, 1), convex=True,
          feasible=lambda g, s, d: _in_ball(g, s, d, 2.0, p=1)),
     Case("NormBall-1-dims", lambda: co.NormBall(1.0, p=1, dim=(0, 2)), (3, 2, 4),
-         lambda x: _ball_violation(x, 1.0, 1, (0, 2)), convex=True),
+         lambda x: _ball_violation(x, 1.0, 1, (0, 2)), convex=True,
+         feasible=lambda g, s, d: _in_unit_balls(g, s, d, 1.0, (0, 2), p=1)),
     Case("NormBall-inf", lambda: co.NormBall(0.7, p="inf"), (2, 5), lambda x: _ball_violation(x, 0.7, "inf"),
          exact=True, convex=True, feasible=lambda g, s, d: _uniform(g, s, d, -0.7, 0.7)),
     Case("MaxNorm", lambda: co.MaxNorm(1.0), (4, 2, 3), lambda x: _ball_violation(x, 1.0, 2, (1, 2)), convex=True,
