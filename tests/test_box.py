@@ -38,6 +38,7 @@ def test_one_sided_and_degenerate_boxes(low, high):
 
 
 def test_non_negative_keeps_the_positive_part_and_trains():
+    torch.manual_seed(0)
     model = torch.nn.Linear(5, 3)
     opt = co.ConstrainedOptimizer(torch.optim.Adam(model.parameters(), lr=0.1), model)
     opt.attach("weight", co.NonNegative())
@@ -47,7 +48,8 @@ def test_non_negative_keeps_the_positive_part_and_trains():
         (model(x) - 1).pow(2).mean().backward()
         opt.step()
         assert float(model.weight.detach().min()) >= 0.0
-    assert opt.audit.last[0].residual == 0.0 and opt.audit.last[0].drift > 0
+    assert all(r.residual == 0.0 for r in opt.audit.history)
+    assert max(r.drift for r in opt.audit.history) > 0  # Adam pushed entries below 0; they came back
 
 
 def test_grouped_path_equals_per_tensor_path_with_mixed_bounds():

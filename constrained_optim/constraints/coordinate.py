@@ -302,26 +302,31 @@ class BoxBound(Bound):
 
     @classmethod
     def project_all_(cls, bounds, xs):
-        small = []
+        small_b, small_x = [], []
         for b, x in zip(bounds, xs):
             if x.numel() >= FOREACH_MAX_NUMEL:
                 b.project_(x)
             else:
-                small.append((b, x))
+                small_b.append(b)
+                small_x.append(x)
         for side, op in (("low", torch._foreach_clamp_min_), ("high", torch._foreach_clamp_max_)):
+            values = [getattr(b, side) for b in small_b]
+            first = values[0] if values else None
+            if isinstance(first, float) and all(type(v) is float and v == first for v in values):
+                op(small_x, first)  # the common case: one scalar bound for the whole group
+                continue
             by_scalar: dict[float, list] = {}
-            tensors, bounds_t = [], []
-            for b, x in small:
-                v = getattr(b, side)
+            tensors, bound_tensors = [], []
+            for v, x in zip(values, small_x):
                 if isinstance(v, float):
                     by_scalar.setdefault(v, []).append(x)
                 elif v is not None:
                     tensors.append(x)
-                    bounds_t.append(v)
+                    bound_tensors.append(v)
             for v, group in by_scalar.items():
                 op(group, v)
             if tensors:
-                op(tensors, bounds_t)
+                op(tensors, bound_tensors)
 
 
 def check_broadcast(shape, param, name, constraint, what) -> None:
