@@ -17,7 +17,6 @@ from torch import nn
 
 from .audit import Audit, gap_stats
 from .constraints.base import Bound, Constraint
-from .constraints.composite import intersect_bounds
 from .errors import ConstraintError, ConstraintViolation, describe
 from .selection import parameter_names, select
 from .state import project_state_
@@ -245,4 +244,6 @@ class ConstraintEngine:
 
 def combine(old: Bound, new: Bound, param, name) -> Bound:
     """The intersection of two constraints on one parameter (each keeps what it resolved)."""
+    from .constraints.composite import intersect_bounds
+
     return intersect_bounds(old, new, param, name)
