@@ -211,7 +211,7 @@ class ConstraintEngine:
             if not bool(norms.isfinite().all()):
                 self._report_nonfinite(bounds, norms.tolist())
             return
-        residual = gap_stats([b.gap(p) for b, p in zip(bounds, params)])
+        residual = gap_stats([b.residual(p) for b, p in zip(bounds, params)])
         nan = torch.tensor(math.nan, dtype=torch.float64, device=norms.device)
         rows = torch.stack([
             torch.cat([d.to(nan), r[:1].to(nan), blocked.get(p, nan).reshape(1).to(nan), n.reshape(1)])
@@ -261,7 +261,7 @@ class ConstraintEngine:
         off = []
         for param, bound in self.bounds.items():
             param = full(param)
-            distance = float(bound.gap(param).norm())
+            distance = float(bound.residual(param).norm())
             scale = float(param.norm())
             limit = atol if atol is not None else default_atol(scale, param.dtype)
             if not (distance <= limit and math.isfinite(scale)):
@@ -406,8 +406,7 @@ def state_problems(saved: dict, bounds: list[Bound]) -> list[str]:
 
 
 def combine(old: Bound, new: Bound, param, name) -> Bound:
-    """The intersection of two constraints on one parameter."""
-    raise ConstraintError(
-        f"{describe(name, param)} already has {old.constraint!r}; attaching {new.constraint!r} "
-        "as well needs Intersection support"
-    )
+    """The intersection of two constraints on one parameter (each keeps what it resolved)."""
+    from .constraints.composite import intersect_bounds
+
+    return intersect_bounds(old, new, param, name)
