@@ -13,6 +13,7 @@ import os
 import sys
 import warnings
 from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -21,9 +22,10 @@ from .audit import Audit
 from .audit.measure import (Scratch, all_finite, fetch, norms, project_grads_measured_,
                             project_measured_, residuals)
 from .constraints.base import Bound, Constraint
+from .distributed import FullView, full, full_tensors, local, write_back_
 from .errors import ConstraintError, ConstraintViolation, describe
 from .selection import parameter_names, select
-from .state import project_state_
+from .state import project_state_, restart_history_
 
 log = logging.getLogger("constrained_optim")
 
@@ -60,6 +62,8 @@ class ConstraintEngine:
         self._groups: list[tuple[type[Bound], list[Bound], list[nn.Parameter]]] = []
         self._measure = False
         self._blocked: dict[nn.Parameter, torch.Tensor] = {}
+        self._full_view = FullView([])
+        self._groups_are_full = False
 
     # -- binding -------------------------------------------------------------------------------------
     def attach(self, target, constraint: Constraint) -> ConstraintEngine:
@@ -84,15 +88,17 @@ class ConstraintEngine:
                     f"{describe(name, param)} is not held by the wrapped "
                     f"{type(self.optimizer).__name__}; add it with add_param_group first"
                 )
-            bound = constraint.bind(param, name)
+            bound = constraint.bind(full(param), name)  # a sharded parameter: its global tensor
             if param in self.bounds:
                 bound = combine(self.bounds[param], bound, param, name)
             new[param] = bound
         with torch.no_grad():
             for param, bound in new.items():
-                bound.project_(param)
-                project_state_(bound, self.optimizer.state.get(param, {}), param)
+                with full_tensors(param, self.optimizer.state.get(param, {})) as (whole, state):
+                    bound.project_(whole)
+                    project_state_(bound, state, whole)
                 self.bounds[param] = bound
+            restart_history_(self.optimizer)
         self._regroup()
         return self
 
@@ -117,13 +123,32 @@ class ConstraintEngine:
             bounds.append(bound)
             params.append(param)
         self._groups = [(key[0], b, p) for key, (b, p) in groups.items()]
+        self._full_view = FullView(list(self.bounds))
+
+    @contextmanager
+    def _on_full_tensors(self, grads: bool = False, params_back: bool = False, grads_back: bool = False):
+        """Inside, the groups hold plain full tensors in place of sharded (DTensor) parameters,
+        written back as shards on exit; without sharded parameters this does nothing."""
+        if not self._full_view or self._groups_are_full:  # plain, or already inside one
+            yield
+            return
+        groups = self._groups
+        self._groups = self._full_view.swap(groups)
+        self._groups_are_full = True
+        try:
+            with self._full_view.gathered(grads, params_back, grads_back):
+                yield
+        finally:
+            self._groups = groups
+            self._groups_are_full = False
 
     # -- the step ------------------------------------------------------------------------------------
     @torch.no_grad()
     def project_(self) -> None:
         """Project every constrained parameter onto its set now."""
-        for kind, bounds, params in self._groups:
-            kind.project_all_(bounds, params)
+        with self._on_full_tensors(params_back=True):
+            for kind, bounds, params in self._groups:
+                kind.project_all_(bounds, params)
 
     @torch.no_grad()
     def _project_grads_(self, measure: bool) -> dict[Bound, tuple]:
@@ -153,7 +178,8 @@ class ConstraintEngine:
     def before_step(self) -> None:
         """Project the gradients the step is about to use."""
         self._measure = self._audit_due()
-        self._blocked = self._project_grads_(self._measure)
+        with self._on_full_tensors(grads=True, grads_back=True):
+            self._blocked = self._project_grads_(self._measure)
 
     def wrap_closure(self, closure):
         """A closure whose every evaluation (LBFGS re-evaluates) leaves projected gradients."""
@@ -162,7 +188,8 @@ class ConstraintEngine:
 
         def projected_closure():
             loss = closure()
-            self._blocked.update(self._project_grads_(self._measure))
+            with self._on_full_tensors(grads=True, grads_back=True):
+                self._blocked.update(self._project_grads_(self._measure))
             return loss
 
         return projected_closure
@@ -170,7 +197,8 @@ class ConstraintEngine:
     def after_step(self) -> None:
         """Count the step, project parameters back onto their sets, audit."""
         self.steps_taken += 1
-        self._after_step(self._measure, self._blocked)
+        with self._on_full_tensors(params_back=True):
+            self._after_step(self._measure, self._blocked)
         self._blocked = {}
 
     @torch.no_grad()
@@ -278,7 +306,8 @@ class ConstraintEngine:
         """Raise `ConstraintViolation` naming every parameter off its set, with its distance."""
         off = []
         for param, bound in self.bounds.items():
-            distance = float(bound.gap(param).norm())
+            param = full(param)
+            distance = float(bound.residual(param).norm())
             scale = float(param.norm())
             limit = atol if atol is not None else default_atol(scale, param.dtype)
             if not (distance <= limit and math.isfinite(scale)):
@@ -287,13 +316,146 @@ class ConstraintEngine:
             raise ConstraintViolation("off the set: " + "; ".join(off))
 
 
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The step count, the audit and each constraint's own data, keyed by parameter name.
+
+        Per constrained parameter: its constraint's type and description, its (global) shape
+        and its `Bound.state_tensors` (masks, index sets, labels, bases, values, patterns
+        chosen at attach). Plain Python data and tensors, so ``torch.load(weights_only=True)``
+        reads it back.
+        """
+        return {
+            "version": CHECKPOINT_VERSION,
+            "steps_taken": self.steps_taken,
+            "audit": self.audit.state_dict(),
+            "parameters": {
+                b.name: {
+                    "type": type(b.constraint).__name__,
+                    "constraint": repr(b.constraint),
+                    "shape": tuple(b.shape),
+                    "tensors": dict(b.state_tensors()),
+                }
+                for b in self.bounds.values()
+            },
+        }
+
+    def validate_state_dict(self, state) -> None:
+        """Raise `ConstraintError` listing every way ``state`` does not fit the attached
+        constraints (other targets, shapes, constraint types or data layouts); change nothing."""
+        if not isinstance(state, dict) or not {"steps_taken", "audit", "parameters"} <= set(state):
+            raise ConstraintError(
+                "the checkpoint holds no constraint state (it was not saved by a ConstrainedOptimizer "
+                "or a constrain() handle); to start constraints from a plain optimizer's checkpoint, "
+                "load it into the wrapped optimizer first and attach afterwards"
+            )
+        problems = state_problems(state["parameters"], list(self.bounds.values()))
+        if problems:
+            raise ConstraintError(
+                "the checkpoint's constraints do not match the attached ones (nothing was loaded):\n  "
+                + "\n  ".join(problems)
+                + "\nattach the same constraints to the same parameters before loading; to resume "
+                "with other constraints, load the wrapped optimizer's state alone and attach them after"
+            )
+        try:
+            type(self.audit)().load_state_dict(state["audit"])
+        except Exception as err:  # a malformed audit must fail here, before anything is loaded
+            raise ConstraintError(f"the checkpoint's audit state cannot be loaded: {err!r}") from err
+
+    def load_state_dict(self, state) -> None:
+        """Load what `state_dict` saved; validated in full first, so a mismatch changes nothing."""
+        self.validate_state_dict(state)
+        saved = state["parameters"]
+        for bound in self.bounds.values():
+            bound.load_state_tensors(saved[bound.name]["tensors"])
+        self.audit.load_state_dict(state["audit"])
+        self.steps_taken = int(state["steps_taken"])
+
+    # -- copies of the model ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def project_module_(self, module: nn.Module) -> None:
+        """Project the parameters of another module with the same names (an averaged or EMA
+        copy, a re-loaded model) onto the attached sets.
+
+        A name may sit under a wrapper's prefix (``AveragedModel``'s and DDP's ``module.``,
+        ``torch.compile``'s ``_orig_mod.``). Raises `ConstraintError` and changes nothing if a
+        constrained name is missing, ambiguous or of another shape.
+        """
+        names = dict(module.named_parameters())
+        plan, problems = [], []
+        for param, bound in self.bounds.items():
+            found = [names[bound.name]] if bound.name in names else [
+                t for n, t in names.items() if n.endswith("." + bound.name)
+            ]
+            if len(found) != 1:
+                problems.append(f"{bound.name}: {'no' if not found else len(found)} parameters of that name")
+            elif tuple(found[0].shape) != bound.shape:
+                problems.append(f"{bound.name}: shape {tuple(found[0].shape)}, expected {bound.shape}")
+            else:
+                plan.append((bound, param, found[0]))
+        if problems:
+            raise ConstraintError(
+                f"project_module_({type(module).__name__}): nothing was projected:\n  "
+                + "\n  ".join(problems)
+            )
+        for bound, param, target in plan:
+            whole = full(target)
+            dtype, device = param.dtype, local(param).device
+            if whole.dtype == dtype and whole.device == device:
+                bound.project_(whole)
+            else:  # the bound's tensors live on the parameter's device and dtype
+                moved = whole.to(device=device, dtype=dtype)
+                bound.project_(moved)
+                whole.copy_(moved)
+            write_back_(target, whole)
+
+
+CHECKPOINT_VERSION = 1
+
+
+def state_problems(saved: dict, bounds: list[Bound]) -> list[str]:
+    """Every difference between a checkpoint's constraints and the attached ``bounds``."""
+    attached = {b.name: b for b in bounds}
+    problems = [
+        f"{name}: the checkpoint constrains it to {entry['constraint']}; here it has no constraint"
+        for name, entry in saved.items() if name not in attached
+    ]
+    for name, bound in attached.items():
+        entry = saved.get(name)
+        here = f"{bound.constraint!r}"
+        if entry is None:
+            problems.append(f"{name}: constrained to {here} here; the checkpoint has no constraint on it")
+        elif entry["type"] != type(bound.constraint).__name__:
+            problems.append(
+                f"{name}: constraint type {entry['type']} ({entry['constraint']}) in the checkpoint, "
+                f"{type(bound.constraint).__name__} ({here}) here"
+            )
+        elif tuple(entry["shape"]) != bound.shape:
+            problems.append(f"{name}: shape {tuple(entry['shape'])} in the checkpoint, {bound.shape} here")
+        elif entry["constraint"] != here:
+            problems.append(f"{name}: {entry['constraint']} in the checkpoint, {here} here")
+        else:
+            mine, theirs = bound.state_tensors(), entry["tensors"]
+            if set(mine) != set(theirs):
+                problems.append(
+                    f"{name}: {here} data {sorted(theirs)} in the checkpoint, {sorted(mine)} here"
+                )
+                continue
+            for key, value in theirs.items():
+                if tuple(value.shape) != tuple(mine[key].shape):
+                    problems.append(
+                        f"{name}: {here} {key} of shape {tuple(value.shape)} in the checkpoint, "
+                        f"{tuple(mine[key].shape)} here"
+                    )
+    return problems
+
+
 
 def combine(old: Bound, new: Bound, param, name) -> Bound:
-    """The intersection of two constraints on one parameter."""
-    raise ConstraintError(
-        f"{describe(name, param)} already has {old.constraint!r}; attaching {new.constraint!r} "
-        "as well needs Intersection support"
-    )
+    """The intersection of two constraints on one parameter (each keeps what it resolved)."""
+    from .constraints.composite import intersect_bounds
+
+    return intersect_bounds(old, new, param, name)
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))

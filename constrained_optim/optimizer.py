@@ -29,7 +29,7 @@ class ConstrainedOptimizer(torch.optim.Optimizer):
     >>> opt = opt.attach("weight", co.Fixed((..., 1, 1), 0.0))
     >>> model(torch.randn(1, 2, 5, 5)).sum().backward()
     >>> _ = opt.step()
-    >>> float(model.weight[..., 1, 1].abs().max())
+    >>> float(model.weight.detach()[..., 1, 1].abs().max())
     0.0
     """
 
@@ -113,6 +113,82 @@ class ConstrainedOptimizer(torch.optim.Optimizer):
         self.engine.after_step()
         return loss
 
+    def project_module_(self, module: nn.Module) -> None:
+        """Project another module's parameters of the same names onto the attached sets.
+
+        For an averaged or EMA copy (``torch.optim.swa_utils.AveragedModel``): an average of
+        points of a convex set (every linear set, boxes, balls) stays in it, up to rounding, but
+        an average of points of a non-convex set (`UnitNorm`, `Orthogonal`, `LowRank`, sparsity
+        patterns that change) does not; ``opt.project_module_(averaged)`` puts the copy back on
+        the sets. Names may carry a wrapper's prefix (``module.``, ``_orig_mod.``).
+        """
+        self.engine.project_module_(module)
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The wrapped optimizer's ``state_dict`` plus, under ``"constraints"``, each constraint's
+        own data (masks, bases, values, patterns chosen at attach), the step count and the audit.
+
+        The wrapped optimizer's keys are unchanged, so the same checkpoint also loads into a plain
+        optimizer.
+        """
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        state = self.optimizer.state_dict()
+        state["constraints"] = self.engine.state_dict()
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, state)
+            state = state if result is None else result
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a checkpoint of `state_dict`, so training continues as if it had not stopped.
+
+        The same constraints must be attached to the same parameters first (attach projects the
+        fresh parameters; the checkpoint's data then replaces theirs). Everything is checked
+        before anything is loaded: a checkpoint whose constraints differ (other targets, shapes
+        or constraint types) or whose parameter groups differ raises `ConstraintError` saying
+        what differs, and changes nothing.
+        """
+        state_dict = dict(state_dict)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            state_dict = state_dict if result is None else result
+        constraints = state_dict.pop("constraints", None)
+        self.engine.validate_state_dict(constraints)
+        check_groups(self.optimizer, state_dict)
+        self.optimizer.load_state_dict(state_dict)
+        self.engine.load_state_dict(constraints)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    # -- the wrapped optimizer's own objects --------------------------------------------------------------
+    # properties, so that they stay shared when the wrapped optimizer replaces them (its
+    # load_state_dict builds new param_groups and state)
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value):
+        self.optimizer.state = value
+
+    @property
+    def defaults(self):
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value):
+        self.optimizer.defaults = value
+
     # -- the rest of torch.optim.Optimizer -------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -131,3 +207,16 @@ class ConstrainedOptimizer(torch.optim.Optimizer):
         lines += [f"  {b.name}: {b.constraint!r}" for b in self.engine.bounds.values()]
         return "\n".join(lines) + ")"
 
+
+def check_groups(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """The checks ``Optimizer.load_state_dict`` makes, made before anything is loaded."""
+    saved = state_dict.get("param_groups")
+    if not isinstance(saved, list) or not isinstance(state_dict.get("state"), dict):
+        raise ConstraintError("the checkpoint holds no optimizer state (no 'state' and 'param_groups')")
+    here = [len(g["params"]) for g in optimizer.param_groups]
+    there = [len(g["params"]) for g in saved]
+    if here != there:
+        raise ConstraintError(
+            f"the checkpoint's parameter groups hold {there} parameters, the wrapped "
+            f"{type(optimizer).__name__}'s hold {here} (nothing was loaded)"
+        )

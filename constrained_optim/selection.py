@@ -17,6 +17,8 @@ GLOB_CHARS = frozenset("*?[")
 
 def parameter_names(model: nn.Module | None, optimizer: torch.optim.Optimizer) -> dict[str, nn.Parameter]:
     """Name -> parameter for every parameter the model has, else those the optimizer holds."""
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's wrapper
+        model = model._orig_mod
     if model is not None:
         return dict(model.named_parameters())
     return {

@@ -4,8 +4,10 @@ A constraint added to a warm optimizer must hold from the next step, so the stat
 for the parameter is made consistent with the set: first moments (momentum, ``exp_avg``) go onto
 the tangent space; non-negative second moments (``exp_avg_sq``) stay non-negative (zeroed on held
 entries, averaged within tied groups); a state tensor that is itself a point (ASGD's ``ax``) is
-projected onto the set. State not shaped like the parameter (LBFGS history, Adafactor's factored
-rows and columns) is left as it is; the post-step projection covers those optimizers.
+projected onto the set. LBFGS's curvature history (flat vectors over all its parameters, pairs
+measured on the unconstrained problem) is dropped, so it restarts from the projected gradient.
+Other state not shaped like the parameter (Adafactor's factored rows and columns) is left as it
+is; the post-step projection covers those optimizers.
 """
 
 from __future__ import annotations
@@ -33,6 +35,20 @@ def state_role(key: str, value, param: torch.Tensor) -> str | None:
         return "point"
     # an optimizer this table does not know: a non-negative tensor is taken for a second moment
     return "scale" if bool((value >= 0).all()) else "moment"
+
+
+LBFGS_HISTORY = ("d", "t", "old_dirs", "old_stps", "ro", "H_diag", "prev_flat_grad", "prev_loss", "al")
+
+
+def restart_history_(optimizer: torch.optim.Optimizer) -> None:
+    """Make LBFGS start its next step afresh, as on its first iteration."""
+    if not isinstance(optimizer, torch.optim.LBFGS):
+        return
+    for state in optimizer.state.values():
+        if "n_iter" in state:
+            for key in LBFGS_HISTORY:
+                state.pop(key, None)
+            state["n_iter"] = 0
 
 
 @torch.no_grad()

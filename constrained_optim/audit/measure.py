@@ -15,10 +15,12 @@ gradient or optimizer state except through the family's own ``project_all_`` /
 ``project_grad_all_``, called exactly as on a step that is not audited, so auditing cannot change
 training.
 
-A family that overrides `Bound.gap` / `Bound.gap_entries` (`Mask` reads ``x * (1 - keep)`` in one
-pass, `Fixed` reads only its held entries) is measured with that form. For the others the audit
-measures the change the projection itself makes (a copy before, a subtraction after): the same
-``x - P(x)``, and no second projection.
+A family that overrides `Bound.gap_entries` with a form cheaper than projecting (`Mask` reads
+``x * (1 - keep)`` in one pass, `Fixed` only its held entries) is measured with it. For the others
+the drift is the change the projection itself makes (a copy before, a subtraction after): the
+same ``x - P(x)``, without a second projection, which matters for the costly ones (a polar
+decomposition, an SVD, Dykstra's iterations). The residual is `Bound.residual` where a family
+defines its own (an intersection's distance to each member set), else ``gap_entries``.
 """
 
 from __future__ import annotations
@@ -72,8 +74,8 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def has_direct_gap(kind: type[Bound]) -> bool:
-    """Whether the family writes ``x - P(x)`` without running its projection."""
-    return kind.gap is not Bound.gap or kind.gap_entries is not Bound.gap_entries
+    """Whether the family writes ``x - P(x)`` more cheaply than by running its projection."""
+    return kind.gap_entries is not Bound.gap_entries
 
 
 def has_direct_grad_gap(kind: type[Bound]) -> bool:
@@ -198,9 +200,15 @@ def residuals(bounds, params, scratch: Scratch) -> tuple[list[torch.Tensor], lis
     """``(residual, norm)`` per (projected) parameter: the distance from its set,
     ``||gap_entries(x)||``, and ``||x||``, read one parameter at a time while it is in cache."""
     both, _ = norms(_interleaved(
-        (p, lambda b=b, p=p: b.gap_entries(p, scratch.like(p))) for b, p in zip(bounds, params)
+        (p, lambda b=b, p=p: _residual_entries(b, p, scratch)) for b, p in zip(bounds, params)
     ))
     return both[1::2], both[0::2]
+
+
+def _residual_entries(b: Bound, x: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+    if type(b).residual is not Bound.residual:  # the family's own measure
+        return b.residual(x)
+    return b.gap_entries(x, scratch.like(x))
 
 
 def fetch(columns: list[list[torch.Tensor]]) -> list[list[float]]:

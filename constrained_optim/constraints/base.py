@@ -15,7 +15,14 @@ A `Bound` works in place on tensors shaped like its parameter, always under ``to
   with the set without breaking its sign: zero on held entries, averaged within tied groups;
 - ``project_point_(x)``: optimizer state that is itself a point (ASGD's average ``ax``);
 - ``gap(x)``: ``x - P(x)`` as a new tensor, the audit's measure of how far ``x`` is off the set
-  (``gap_entries``/``grad_gap_entries``: cheaper forms the audit uses where a family has them).
+  (``gap_entries``/``grad_gap_entries``: cheaper forms the audit uses where a family has them);
+- ``residual(x)``: what is left off the set at ``x`` (a tensor whose norm is the distance), measured
+  after projection: ``gap(x)`` unless the projection is approximate (an intersection reports its
+  distance to every member set, so an empty intersection shows).
+
+Half-precision parameters (``bfloat16``, ``float16``) are bound and projected in ``float32`` and
+written back rounded once (`LowPrecisionBound`), for every family alike: tied entries round to
+the same value and held entries to exactly their value.
 """
 
 from __future__ import annotations
@@ -40,6 +47,16 @@ class Constraint:
             raise ConstraintError(
                 f"{describe(name, param)}: {self!r} needs a floating-point parameter"
             )
+        if param.dtype in LOW_PRECISION:
+            # resolve against a float32 copy (masks chosen by magnitude see the same values)
+            proxy = param.detach().to(torch.float32)
+            try:
+                inner = self._bind(proxy, name)
+            except ConstraintError as err:
+                raise ConstraintError(
+                    str(err).replace(describe(name, proxy), describe(name, param))
+                ) from None
+            return LowPrecisionBound.wrap(inner, param)
         return self._bind(param, name)
 
     def _bind(self, param: torch.Tensor, name: str) -> Bound:
@@ -59,11 +76,19 @@ class Bound:
 
     #: whether `project_grad_` does anything (False: the set is enforced by projection alone)
     projects_grad: ClassVar[bool] = False
+    #: the set is a product of per-entry intervals (held entries, boxes): projections onto such
+    #: sets compose exactly, in any order, into the projection onto their intersection
+    coordinatewise: ClassVar[bool] = False
 
     def __init__(self, constraint: Constraint, name: str, param: torch.Tensor):
         self.constraint = constraint
         self.name = name
         self.shape = tuple(param.shape)
+
+    @property
+    def linear(self) -> bool:
+        """The set is linear or affine: ``P`` is an affine map and the tangent projection exact."""
+        return self.constraint.linear
 
     # -- the set -------------------------------------------------------------------------------
     def project_(self, x: torch.Tensor) -> None:
@@ -79,13 +104,18 @@ class Bound:
         """The entries of ``gap(x)`` that can be non-zero, in any shape; the audit reads only their
         norm and largest magnitude, so a family whose off-set entries are few (`Fixed`) returns
         just those. ``out`` (shaped like ``x``) may be used for the result, so a reused buffer
-        saves an allocation. Overriding `gap` or this tells the audit the family has a direct
-        form; otherwise it measures the change the projection makes."""
+        saves an allocation. Overriding this tells the audit the family has a form cheaper than
+        projecting; otherwise it measures the drift as the change the projection makes."""
         if out is None or type(self).gap is not Bound.gap:
             return self.gap(x)
         out.copy_(x)
         self.project_(out)
         return torch.sub(x, out, out=out)
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """What is left off the set at a projected ``x``: its norm is the residual the audit
+        reports. ``gap(x)``, unless the projection is approximate."""
+        return self.gap(x)
 
     # -- gradients and optimizer state -----------------------------------------------------------
     def project_grad_(self, g: torch.Tensor, x: torch.Tensor) -> None:
@@ -172,3 +202,77 @@ def trailing_or_full(shape: tuple[int, ...], pattern: tuple[int, ...]) -> int:
     if k <= len(shape) and tuple(shape[len(shape) - k :]) == tuple(pattern):
         return len(shape) - k
     return -1
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class LowPrecisionBound(Bound):
+    """A bound resolved in float32 for a half-precision parameter: every tensor is projected in
+    float32 and written back, rounded once."""
+
+    def __init__(self, inner: Bound, param: torch.Tensor):
+        super().__init__(inner.constraint, inner.name, param)
+        self.inner = inner
+
+    @staticmethod
+    def wrap(inner: Bound, param: torch.Tensor) -> LowPrecisionBound:
+        kind = LowPrecisionGradBound if inner.projects_grad else LowPrecisionBound
+        return kind(inner, param)
+
+    @property
+    def linear(self) -> bool:
+        return self.inner.linear
+
+    def project_(self, x):
+        y = x.float()
+        self.inner.project_(y)
+        x.copy_(y)
+
+    def gap(self, x):
+        return self.inner.gap(x.float())
+
+    def residual(self, x):
+        return self.inner.residual(x.float())
+
+    def project_grad_(self, g, x):
+        y = g.float()
+        self.inner.project_grad_(y, x.float())
+        g.copy_(y)
+
+    def project_moment_(self, m, x):
+        y = m.float()
+        self.inner.project_moment_(y, x.float())
+        m.copy_(y)
+
+    def project_scale_(self, v):
+        y = v.float()
+        self.inner.project_scale_(y)
+        v.copy_(y)
+
+    def project_point_(self, x):
+        y = x.float()
+        self.inner.project_point_(y)
+        x.copy_(y)
+
+    def state_tensors(self):
+        return self.inner.state_tensors()
+
+    def load_state_tensors(self, tensors):
+        self.inner.load_state_tensors(tensors)
+
+    @classmethod
+    def project_all_(cls, bounds, xs):
+        by_kind: dict[type, tuple[list, list]] = {}
+        for b, x in zip(bounds, xs):
+            inner, ys = by_kind.setdefault(type(b.inner), ([], []))
+            inner.append(b.inner)
+            ys.append(x)
+        for kind, (inner, group) in by_kind.items():
+            ys = [x.float() for x in group]
+            kind.project_all_(inner, ys)
+            torch._foreach_copy_(group, ys)
+
+
+class LowPrecisionGradBound(LowPrecisionBound):
+    projects_grad = True

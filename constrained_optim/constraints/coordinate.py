@@ -1,7 +1,11 @@
-"""Coordinate sets: entries held at zero (`Mask`) or at given values (`Fixed`).
+"""Coordinate sets: entries held at zero (`Mask`) or at given values (`Fixed`), entries kept in
+an interval (`Box`, `NonNegative`).
 
-Both are linear (affine for `Fixed` with a non-zero value) and axis-aligned, so the projection,
-the tangent projection and the handling of optimizer state are all the same entry-wise rule.
+`Mask` and `Fixed` are linear (affine for `Fixed` with a non-zero value) and axis-aligned, so the
+projection, the tangent projection and the handling of optimizer state are all the same
+entry-wise rule. `Box` is a product of intervals, projected by clamping. All of them are
+products of per-entry intervals, so projecting onto several of them in turn is the exact
+projection onto their intersection.
 """
 
 from __future__ import annotations
@@ -21,6 +25,15 @@ def mask_project_(x: torch.Tensor, keep: torch.Tensor) -> None:
 def fixed_project_(x: torch.Tensor, index, values) -> None:
     """Project onto ``{x : x[index] = values}``: overwrite the held entries."""
     x[index] = values
+
+
+def box_project_(x: torch.Tensor, low, high) -> None:
+    """Project onto ``{x : low <= x <= high}`` (bounds scalars, tensors broadcast, or None):
+    ``x <- min(max(x, low), high)``."""
+    if low is not None:
+        x.clamp_min_(low)
+    if high is not None:
+        x.clamp_max_(high)
 
 
 # -- Mask ------------------------------------------------------------------------------------------
@@ -63,6 +76,7 @@ class Mask(Constraint):
 
 class MaskBound(Bound):
     projects_grad = True
+    coordinatewise = True
 
     def __init__(self, constraint: Mask, name, param):
         super().__init__(constraint, name, param)
@@ -166,6 +180,7 @@ class Fixed(Constraint):
 
 class FixedBound(Bound):
     projects_grad = True
+    coordinatewise = True
 
     def __init__(self, constraint, name, param, index, values):
         super().__init__(constraint, name, param)
@@ -195,6 +210,142 @@ class FixedBound(Bound):
 
     def state_tensors(self):
         return {"values": self.values}
+
+
+# -- Box ---------------------------------------------------------------------------------------------
+class Box(Constraint):
+    """Entries between ``low`` and ``high``: ``{W : low <= W <= high}`` (entry-wise).
+
+    ``low`` and ``high`` are scalars, tensors broadcastable to the parameter, or None (no bound
+    on that side). The projection clamps. Bounds a half-precision parameter cannot represent are
+    rounded with it, so such a bound holds only to that precision.
+
+    >>> import torch, constrained_optim as co
+    >>> w = torch.nn.Parameter(torch.tensor([-2.0, 0.5, 3.0]))
+    >>> with torch.no_grad():
+    ...     co.Box(-1.0, torch.tensor([1.0, 1.0, 2.0])).bind(w, "w").project_(w)
+    >>> w.data
+    tensor([-1.0000,  0.5000,  2.0000])
+    """
+
+    def __init__(self, low=None, high=None):
+        self.low = _bound_value(low, "low")
+        self.high = _bound_value(high, "high")
+        if self.low is not None and self.high is not None:
+            lo, hi = torch.as_tensor(self.low), torch.as_tensor(self.high)
+            try:
+                bad = bool((lo > hi).any())
+            except RuntimeError:
+                raise ConstraintError(
+                    f"{self!r}: low of shape {tuple(lo.shape)} and high of shape "
+                    f"{tuple(hi.shape)} do not broadcast together"
+                ) from None
+            if bad:
+                raise ConstraintError(f"{self!r}: low > high, so the set is empty")
+
+    def _bind(self, param, name):
+        def resolve(v, what):
+            if isinstance(v, torch.Tensor):
+                check_broadcast(v.shape, param, name, self, what)
+                return v.to(device=param.device, dtype=param.dtype)
+            return v
+
+        return BoxBound(self, name, param, resolve(self.low, "low"), resolve(self.high, "high"))
+
+    def __repr__(self):
+        def show(v):
+            return "tensor" if isinstance(v, torch.Tensor) else repr(v)
+
+        return f"{type(self).__name__}(low={show(self.low)}, high={show(self.high)})"
+
+
+class NonNegative(Box):
+    """Entries at least 0: ``{W : W >= 0}``; the projection is ``max(W, 0)``.
+
+    >>> import torch, constrained_optim as co
+    >>> w = torch.nn.Parameter(torch.tensor([-2.0, 0.5]))
+    >>> with torch.no_grad():
+    ...     co.NonNegative().bind(w, "w").project_(w)
+    >>> w.data
+    tensor([0.0000, 0.5000])
+    """
+
+    def __init__(self):
+        super().__init__(low=0.0)
+
+    def __repr__(self):
+        return "NonNegative()"
+
+
+def _bound_value(v, what):
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float, torch.Tensor)):
+        v = torch.as_tensor(v)
+    if isinstance(v, torch.Tensor):
+        if v.dtype == torch.bool or v.is_complex():
+            raise ConstraintError(f"Box: {what} must be a real number or tensor, got {v.dtype}")
+        if v.dim() == 0:
+            return float(v)
+        if bool(v.isnan().any()):
+            raise ConstraintError(f"Box: {what} has NaN entries")
+        return v
+    if v != v:
+        raise ConstraintError(f"Box: {what} is NaN")
+    return float(v)
+
+
+#: below this many entries a tensor's clamp is dominated by per-call overhead, so a group of
+#: them goes through one ``torch._foreach_*`` call per side; above it one fused clamp per tensor
+#: (a single pass over memory) is faster (measured in benchmarks/bench_sets.py)
+FOREACH_MAX_NUMEL = 16384
+
+
+class BoxBound(Bound):
+    coordinatewise = True
+
+    def __init__(self, constraint, name, param, low, high):
+        super().__init__(constraint, name, param)
+        self.low, self.high = low, high
+        # one fused pass where both bounds are of one kind (scalars, or tensors)
+        self.fused = low is not None and high is not None and type(low) is type(high)
+
+    def project_(self, x):
+        if self.fused:
+            x.clamp_(self.low, self.high)
+        else:
+            box_project_(x, self.low, self.high)
+
+    def state_tensors(self):
+        return {k: v for k, v in (("low", self.low), ("high", self.high)) if isinstance(v, torch.Tensor)}
+
+    @classmethod
+    def project_all_(cls, bounds, xs):
+        small_b, small_x = [], []
+        for b, x in zip(bounds, xs):
+            if x.numel() >= FOREACH_MAX_NUMEL:
+                b.project_(x)
+            else:
+                small_b.append(b)
+                small_x.append(x)
+        for side, op in (("low", torch._foreach_clamp_min_), ("high", torch._foreach_clamp_max_)):
+            values = [getattr(b, side) for b in small_b]
+            first = values[0] if values else None
+            if isinstance(first, float) and all(type(v) is float and v == first for v in values):
+                op(small_x, first)  # the common case: one scalar bound for the whole group
+                continue
+            by_scalar: dict[float, list] = {}
+            tensors, bound_tensors = [], []
+            for v, x in zip(values, small_x):
+                if isinstance(v, float):
+                    by_scalar.setdefault(v, []).append(x)
+                elif v is not None:
+                    tensors.append(x)
+                    bound_tensors.append(v)
+            for v, group in by_scalar.items():
+                op(group, v)
+            if tensors:
+                op(tensors, bound_tensors)
 
 
 def check_broadcast(shape, param, name, constraint, what) -> None:

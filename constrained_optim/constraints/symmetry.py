@@ -49,7 +49,8 @@ def swap_flip(x: torch.Tensor, dims: tuple[int, ...], flip: tuple[int, ...]) -> 
 def symmetric_project_(x, dims, flip) -> None:
     """Project onto ``{x : x = T(x)}``: ``x <- (x + T(x)) / 2``, bitwise symmetric since ``+``
     commutes."""
-    x.copy_((x + swap_flip(x, dims, flip)) * 0.5)
+    # a contiguous copy of T(x) first: adding a transposed view is several times slower
+    x.add_(swap_flip(x, dims, flip).contiguous()).mul_(0.5)
 
 
 # -- Tied ------------------------------------------------------------------------------------------
@@ -121,6 +122,14 @@ class TiedBound(Bound):
         if self.weights is not None:
             out["weights"] = self.weights
         return out
+
+    def load_state_tensors(self, tensors):
+        super().load_state_tensors(tensors)
+        # the group sizes follow from the loaded labels
+        self.n_groups = int(self.group_ids.max()) + 1 if self.group_ids.numel() else 0
+        self.counts = torch.bincount(self.group_ids, minlength=self.n_groups).to(self.counts.dtype)
+        if self.weights is not None:
+            self.scale_weights = self.weights.abs()
 
 
 # -- Symmetric -------------------------------------------------------------------------------------

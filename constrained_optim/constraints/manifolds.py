@@ -1,0 +1,177 @@
+"""Matrix manifolds of a weight viewed as ``(shape[0], -1)``: `Orthogonal` and `LowRank`.
+
+A conv weight ``(out, in, kh, kw)`` is the matrix ``(out, in * kh * kw)``: one row per output
+unit. Both projections are the nearest point in the Frobenius norm, through one SVD: the polar
+factor ``U V^T`` (orthonormal rows or columns) and the truncated SVD (Eckart-Young).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import ConstraintError, describe
+from .base import Bound, Constraint
+
+
+# -- pure maths ---------------------------------------------------------------------------------
+def svd(w: torch.Tensor):
+    """``torch.linalg.svd(w, full_matrices=False)``; non-finite input gives NaN factors (the
+    engine then reports the parameter as non-finite) instead of raising mid-step."""
+    try:
+        return torch.linalg.svd(w, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        m, k = w.shape
+        r = min(m, k)
+        nan = math.nan
+        return w.new_full((m, r), nan), w.new_full((r,), nan), w.new_full((r, k), nan)
+
+
+def polar_factor(w: torch.Tensor) -> torch.Tensor:
+    """The nearest matrix to ``w`` (``(m, k)``) with orthonormal rows (``m <= k``) or columns
+    (``m >= k``): ``U V^T`` for ``w = U S V^T`` (the orthogonal factor of the polar decomposition)."""
+    u, _, vh = svd(w)
+    return u @ vh
+
+
+def stiefel_tangent_(g: torch.Tensor, x: torch.Tensor) -> None:
+    """Project ``g`` (``(m, k)``) onto the tangent space at ``x`` of the matrices with orthonormal
+    rows (``m <= k``: ``{Z : X Z^T + Z X^T = 0}``, ``Z <- Z - sym(Z X^T) X``) or columns
+    (``m > k``: ``{Z : X^T Z + Z^T X = 0}``, ``Z <- Z - X sym(X^T Z)``), ``sym(A) = (A + A^T) / 2``."""
+    if x.shape[0] <= x.shape[1]:
+        a = g @ x.T
+        g.sub_(((a + a.T) * 0.5) @ x)
+    else:
+        a = x.T @ g
+        g.sub_(x @ ((a + a.T) * 0.5))
+
+
+def truncated_svd(w: torch.Tensor, rank: int) -> torch.Tensor:
+    """The nearest matrix to ``w`` of rank at most ``rank``: ``U_r S_r V_r^T`` (Eckart-Young)."""
+    u, s, vh = svd(w)
+    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+
+
+def _matrix_view(x: torch.Tensor, m: int) -> torch.Tensor:
+    return x.reshape(m, -1)
+
+
+def _write_(x: torch.Tensor, value: torch.Tensor) -> None:
+    x.copy_(value.view(x.shape))
+
+
+def _check_matrix(constraint, param, name) -> None:
+    if param.dim() < 2:
+        raise ConstraintError(
+            f"{describe(name, param)}: {constraint!r} needs a parameter with at least 2 dims "
+            "(a matrix, or a weight viewed as (shape[0], -1)); a 1-D parameter has no rows and columns"
+        )
+    if param.numel() == 0:
+        raise ConstraintError(f"{describe(name, param)}: {constraint!r} needs a non-empty parameter")
+
+
+# -- Orthogonal --------------------------------------------------------------------------------------
+class Orthogonal(Constraint):
+    """Orthonormal rows or columns of ``W`` viewed as ``(shape[0], -1)``, whichever fits:
+    ``{W : W W^T = I}`` for a wide (or square) matrix, ``{W : W^T W = I}`` for a tall one.
+
+    The projection is the nearest such matrix, the polar factor ``U V^T`` of ``W = U S V^T``.
+    Gradients (and momentum, ``exp_avg`` at attach) are projected onto the tangent space at the
+    current point, so momentum moves along the manifold; second moments are left as they are.
+    On a square weight the set is the orthogonal group: ``W x`` preserves norms. Works for conv
+    weights (rows = output channels).
+
+    >>> import torch, constrained_optim as co
+    >>> w = torch.nn.Parameter(torch.tensor([[2.0, 0.0], [0.0, 0.5]]))
+    >>> with torch.no_grad():
+    ...     co.Orthogonal().bind(w, "w").project_(w)
+    >>> w.data
+    tensor([[1., 0.],
+            [0., 1.]])
+    """
+
+    def _bind(self, param, name):
+        _check_matrix(self, param, name)
+        return OrthogonalBound(self, name, param)
+
+
+class OrthogonalBound(Bound):
+    """The tangent projection is taken at the polar factor of ``x``: ``x`` itself when ``x`` is
+    the tensor this bound last projected and it has not been written since (the usual case: the
+    gradient at a parameter projected after the previous step), else one more SVD (a closure
+    optimizer such as LBFGS evaluates gradients between its own updates, off the manifold)."""
+
+    projects_grad = True
+
+    def __init__(self, constraint, name, param):
+        super().__init__(constraint, name, param)
+        self.rows = param.shape[0]
+        self._projected = None  # (data_ptr, version) of the tensor last projected in place
+
+    def project_(self, x):
+        _write_(x, polar_factor(_matrix_view(x, self.rows)))
+        self._projected = (x.data_ptr(), x._version)
+
+    def gap(self, x):
+        return x - polar_factor(_matrix_view(x, self.rows)).view(x.shape)
+
+    def _on_manifold(self, x) -> torch.Tensor:
+        w = _matrix_view(x, self.rows)
+        return w if self._projected == (x.data_ptr(), x._version) else polar_factor(w)
+
+    def project_grad_(self, g, x):
+        point = self._on_manifold(x)
+        if g.is_contiguous():  # a view: the projection writes into g
+            stiefel_tangent_(g.view(self.rows, -1), point)
+        else:
+            z = g.reshape(self.rows, -1).clone()
+            stiefel_tangent_(z, point)
+            _write_(g, z)
+
+
+# -- LowRank -----------------------------------------------------------------------------------------
+class LowRank(Constraint):
+    """Rank at most ``rank`` of ``W`` viewed as ``(shape[0], -1)``: ``{W : rank(W) <= r}``.
+
+    The projection is the truncated SVD, the nearest such matrix (Eckart-Young). Not convex;
+    gradients are not projected (the set is enforced by the projection after each step).
+
+    >>> import torch, constrained_optim as co
+    >>> w = torch.nn.Parameter(torch.tensor([[3.0, 0.0], [0.0, 1.0]]))
+    >>> with torch.no_grad():
+    ...     co.LowRank(1).bind(w, "w").project_(w)
+    >>> w.data
+    tensor([[3., 0.],
+            [0., 0.]])
+    """
+
+    def __init__(self, rank):
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ConstraintError(f"LowRank: rank must be an int >= 1, got {rank!r}")
+        self.rank = rank
+
+    def _bind(self, param, name):
+        _check_matrix(self, param, name)
+        return LowRankBound(self, name, param, self.rank)
+
+    def __repr__(self):
+        return f"LowRank({self.rank})"
+
+
+class LowRankBound(Bound):
+    def __init__(self, constraint, name, param, rank):
+        super().__init__(constraint, name, param)
+        self.rows = param.shape[0]
+        # a rank at least min(m, k) holds every matrix: nothing to do
+        self.active = rank < min(self.rows, param.numel() // self.rows)
+        self.rank = rank
+
+    def project_(self, x):
+        if self.active:
+            _write_(x, truncated_svd(_matrix_view(x, self.rows), self.rank))
+
+    def gap(self, x):
+        if not self.active:
+            return torch.zeros_like(x)
+        return super().gap(x)

@@ -1,0 +1,99 @@
+"""N:M structured sparsity: at most ``n`` non-zeros in every group of ``m`` consecutive entries
+along a dim (2:4 is what sparse tensor cores run).
+
+The nearest N:M-sparse point keeps the ``n`` largest magnitudes of each group and zeros the rest.
+With ``fixed=True`` that pattern is chosen once, at attach, and the set is then the linear set of
+a `Mask` (gradients, momentum and second moments held at zero on pruned entries); with
+``fixed=False`` it is chosen again at every projection, so pruned entries can grow back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConstraintError, describe
+from .base import Bound, Constraint, normalize_dims
+from .coordinate import MaskBound
+
+
+# -- pure maths ---------------------------------------------------------------------------------
+def nm_keep(x: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
+    """A uint8 tensor shaped like ``x``: 1 on the ``n`` largest ``|x|`` of every group of ``m``
+    consecutive entries along ``dim`` (ties go to the lower index), 0 elsewhere."""
+    moved = x.movedim(dim, -1)
+    groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m).abs()
+    order = groups.sort(dim=-1, descending=True, stable=True).indices[..., :n]
+    keep = torch.zeros(groups.shape, dtype=torch.uint8, device=x.device).scatter_(-1, order, 1)
+    return keep.view(moved.shape).movedim(-1, dim).contiguous()
+
+
+# -- NMSparsity ------------------------------------------------------------------------------------
+class NMSparsity(Constraint):
+    """At most ``n`` non-zeros in every group of ``m`` consecutive entries along ``dim``.
+
+    ``fixed=True`` (default) chooses the pattern by magnitude at attach and then behaves exactly
+    as a `Mask` with it (gradients and optimizer state are held at zero on pruned entries; the
+    pattern is saved with the optimizer's ``state_dict``). ``fixed=False`` keeps the ``n`` largest
+    of every ``m`` at each projection and does not project gradients. The size along ``dim``
+    must be a multiple of ``m``.
+
+    >>> import torch, constrained_optim as co
+    >>> w = torch.nn.Parameter(torch.tensor([[0.1, -3.0, 2.0, 0.5], [1.0, 1.0, 1.0, 1.0]]))
+    >>> with torch.no_grad():
+    ...     co.NMSparsity(2, 4).bind(w, "w").project_(w)
+    >>> w.data
+    tensor([[ 0., -3.,  2.,  0.],
+            [ 1.,  1.,  0.,  0.]])
+    """
+
+    def __init__(self, n=2, m=4, dim=-1, fixed=True):
+        for what, v in (("n", n), ("m", m)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ConstraintError(f"NMSparsity: {what} must be an int, got {v!r}")
+        if m < 1 or not 1 <= n <= m:
+            raise ConstraintError(f"NMSparsity: needs 1 <= n <= m, got n={n}, m={m}")
+        if not isinstance(dim, int) or isinstance(dim, bool):
+            raise ConstraintError(f"NMSparsity: dim must be an int, got {dim!r}")
+        self.n, self.m, self.dim, self.fixed = n, m, dim, bool(fixed)
+
+    def _bind(self, param, name):
+        if param.dim() == 0:
+            raise ConstraintError(f"{describe(name, param)}: {self!r} needs at least 1 dim")
+        (dim,) = normalize_dims(self.dim, param.dim(), name, param, repr(self))
+        if param.shape[dim] % self.m:
+            raise ConstraintError(
+                f"{describe(name, param)}: {self!r} groups dim {dim} in runs of {self.m}, but its "
+                f"size {param.shape[dim]} is not a multiple of {self.m}"
+            )
+        if self.fixed:
+            with torch.no_grad():
+                keep = nm_keep(param.detach(), self.n, self.m, dim)
+            return NMMaskBound(self, name, param, keep)
+        return NMBound(self, name, param, dim)
+
+    def __repr__(self):
+        dim = f", dim={self.dim}" if self.dim != -1 else ""
+        fixed = "" if self.fixed else ", fixed=False"
+        return f"NMSparsity({self.n}:{self.m}{dim}{fixed})"
+
+
+class NMMaskBound(MaskBound):
+    """The pattern chosen at attach, held as a `Mask` (a linear set from then on)."""
+
+    linear = True
+
+    def __init__(self, constraint, name, param, keep):
+        Bound.__init__(self, constraint, name, param)
+        self.keep = keep
+
+
+class NMBound(Bound):
+    def __init__(self, constraint, name, param, dim):
+        super().__init__(constraint, name, param)
+        self.n, self.m, self.dim = constraint.n, constraint.m, dim
+
+    def project_(self, x):
+        x.mul_(nm_keep(x, self.n, self.m, self.dim))
+
+    def gap(self, x):
+        return x * (1 - nm_keep(x, self.n, self.m, self.dim))
