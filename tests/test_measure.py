@@ -143,7 +143,8 @@ def test_scratch_views_are_reused_and_grow():
     assert a is s.like(torch.empty(BIG)) and a.shape == BIG
     bigger = s.like(torch.empty(400, 400))
     assert bigger.shape == (400, 400) and s.like(torch.empty(BIG)).data_ptr() == bigger.data_ptr()
-    assert s.like(torch.empty(10)) is None and s.like(torch.empty(BIG, dtype=torch.float64)).dtype == torch.float64
+    assert s.like(torch.empty(10)) is None
+    assert s.like(torch.empty(BIG, dtype=torch.float64)).dtype == torch.float64
 
 
 def test_half_precision_parameters_do_not_read_as_nonfinite():
