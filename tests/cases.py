@@ -236,6 +236,30 @@ def _mask_tied_feasible(g, s, d):
     return y
 
 
+def _unit(x, dim):
+    return x / x.norm(dim=dim, keepdim=True)
+
+
+def _orthonormal(g, shape, dtype):
+    """Orthonormal rows or columns (whichever fits) of the (shape[0], -1) view, from a QR."""
+    rows, cols = shape[0], int(torch.Size(shape[1:]).numel())
+    q, _ = torch.linalg.qr(torch.randn(max(rows, cols), min(rows, cols), generator=g, dtype=torch.float64))
+    return (q if rows >= cols else q.T).reshape(shape).to(dtype)
+
+
+def _of_rank(g, shape, dtype, rank):
+    left = torch.randn(shape[0], rank, generator=g, dtype=torch.float64)
+    right = torch.randn(rank, int(torch.Size(shape[1:]).numel()), generator=g, dtype=torch.float64)
+    return (left @ right).reshape(shape).to(dtype)
+
+
+def _one_of_two_dim0(g, shape, dtype):
+    """At most one non-zero in each pair of rows (1:2 sparsity along dim 0)."""
+    x = torch.randn(shape, generator=g, dtype=dtype).view(shape[0] // 2, 2, *shape[1:])
+    first = torch.rand(shape[0] // 2, 1, *shape[1:], generator=g) > 0.5
+    keep = torch.cat([first, ~first], dim=1)
+    return (x * keep).view(shape)
+
 NONLINEAR_CASES: list[Case] = [
     Case("Box", lambda: co.Box(-0.5, BOX_HIGH), (3, 4),
          lambda x: max(_relu_max(-0.5 - x), _relu_max(x - BOX_HIGH.to(x))), exact=True, convex=True,
@@ -256,24 +280,29 @@ NONLINEAR_CASES: list[Case] = [
          exact=True, convex=True, feasible=lambda g, s, d: _uniform(g, s, d, -0.7, 0.7)),
     Case("MaxNorm", lambda: co.MaxNorm(1.0), (4, 2, 3), lambda x: _ball_violation(x, 1.0, 2, (1, 2)), convex=True,
          feasible=lambda g, s, d: _in_unit_balls(g, s, d, 1.0, (1, 2))),
-    Case("UnitNorm", lambda: co.UnitNorm(), (5, 3), lambda x: _sphere_violation(x, (1,))),
-    Case("UnitNorm-dim0", lambda: co.UnitNorm(dim=0), (3, 4), lambda x: _sphere_violation(x, (0,))),
+    Case("UnitNorm", lambda: co.UnitNorm(), (5, 3), lambda x: _sphere_violation(x, (1,)),
+         feasible=lambda g, s, d: _unit(torch.randn(s, generator=g, dtype=d), 1)),
+    Case("UnitNorm-dim0", lambda: co.UnitNorm(dim=0), (3, 4), lambda x: _sphere_violation(x, (0,)),
+         feasible=lambda g, s, d: _unit(torch.randn(s, generator=g, dtype=d), 0)),
     Case("Simplex", lambda: co.Simplex(), (3, 5), lambda x: _simplex_violation(x, -1, 1.0), convex=True,
          feasible=lambda g, s, d: _in_simplex(g, s, d, -1, 1.0)),
     Case("Simplex-dim0", lambda: co.Simplex(dim=0, radius=2.0), (4, 3), lambda x: _simplex_violation(x, 0, 2.0),
          convex=True, feasible=lambda g, s, d: _in_simplex(g, s, d, 0, 2.0)),
     Case("Orthogonal-wide", lambda: co.Orthogonal(), (3, 5), _orth_violation, rtol=1e-5,
-         tangent_violation=_orth_tangent_violation),
+         tangent_violation=_orth_tangent_violation, feasible=lambda g, s, d: _orthonormal(g, s, d)),
     Case("Orthogonal-tall", lambda: co.Orthogonal(), (6, 1, 2), _orth_violation, rtol=1e-5,
-         tangent_violation=_orth_tangent_violation),
+         tangent_violation=_orth_tangent_violation, feasible=lambda g, s, d: _orthonormal(g, s, d)),
     Case("Orthogonal-conv", lambda: co.Orthogonal(), (4, 2, 3, 3), _orth_violation, rtol=1e-5,
-         tangent_violation=_orth_tangent_violation),
-    Case("LowRank", lambda: co.LowRank(2), (5, 4), lambda x: _rank_violation(x, 2), rtol=1e-5),
-    Case("LowRank-conv", lambda: co.LowRank(1), (3, 2, 2, 2), lambda x: _rank_violation(x, 1), rtol=1e-5),
+         tangent_violation=_orth_tangent_violation, feasible=lambda g, s, d: _orthonormal(g, s, d)),
+    Case("LowRank", lambda: co.LowRank(2), (5, 4), lambda x: _rank_violation(x, 2), rtol=1e-5,
+         feasible=lambda g, s, d: _of_rank(g, s, d, 2)),
+    Case("LowRank-conv", lambda: co.LowRank(1), (3, 2, 2, 2), lambda x: _rank_violation(x, 1), rtol=1e-5,
+         feasible=lambda g, s, d: _of_rank(g, s, d, 1)),
     Case("NMSparsity-fixed", lambda: co.NMSparsity(2, 4), (3, 8), lambda x: _nm_violation(x, 2, 4),
          exact=True, linear=True, convex=True, feasible=_nm_first),
     Case("NMSparsity-free-dim0", lambda: co.NMSparsity(1, 2, dim=0, fixed=False), (4, 3),
-         lambda x: _nm_violation(x, 1, 2, 0), exact=True),
+         lambda x: _nm_violation(x, 1, 2, 0), exact=True,
+         feasible=lambda g, s, d: _one_of_two_dim0(g, s, d)),
     Case("Projection-halfspace", lambda: co.Projection(_halfspace_project, name="halfspace"), (2, 3),
          lambda x: _relu_max((x * HALFSPACE_A.to(x)).sum() - 1.0), convex=True,
          feasible=lambda g, s, d: _halfspace_project(torch.randn(s, generator=g, dtype=d) - HALFSPACE_A.to(d))),
