@@ -64,6 +64,8 @@ class ConstraintEngine:
         self._blocked: dict[nn.Parameter, torch.Tensor] = {}
         self._full_view = FullView([])
         self._groups_are_full = False
+        self._scratch = Scratch()  # reused buffers for the audit's masked passes
+        self._labels_cache: tuple | None = None
 
     # -- binding -------------------------------------------------------------------------------------
     def attach(self, target, constraint: Constraint) -> ConstraintEngine:
@@ -74,31 +76,37 @@ class ConstraintEngine:
         changes nothing if the target matches nothing, a parameter is not held by the wrapped
         optimizer, or the constraint cannot take a parameter's shape or dtype.
         """
-        if not isinstance(constraint, Constraint):
-            raise ConstraintError(
-                f"attach({target!r}, ...) needs a constraint such as co.Mask(...), "
-                f"got {type(constraint).__name__}"
-            )
-        pairs = select(target, parameter_names(self.model, self.optimizer))
+        return self.attach_all([(target, constraint)])
+
+    def attach_all(self, items) -> ConstraintEngine:
+        """`attach` for each ``(target, constraint)``, all or nothing: every one is resolved
+        before any parameter or optimizer state changes."""
+        names = parameter_names(self.model, self.optimizer)
         held = {p for group in self.optimizer.param_groups for p in group["params"]}
         new: dict[nn.Parameter, Bound] = {}
-        for name, param in pairs:  # resolve everything first: a failure changes nothing
-            if param not in held:
+        for target, constraint in items:
+            if not isinstance(constraint, Constraint):
                 raise ConstraintError(
-                    f"{describe(name, param)} is not held by the wrapped "
-                    f"{type(self.optimizer).__name__}; add it with add_param_group first"
+                    f"attach({target!r}, ...) needs a constraint such as co.Mask(...), "
+                    f"got {type(constraint).__name__}"
                 )
-            bound = constraint.bind(full(param), name)  # a sharded parameter: its global tensor
-            if param in self.bounds:
-                bound = combine(self.bounds[param], bound, param, name)
-            new[param] = bound
+            for name, param in select(target, names):
+                if param not in held:
+                    raise ConstraintError(
+                        f"{describe(name, param)} is not held by the wrapped "
+                        f"{type(self.optimizer).__name__}; add it with add_param_group first"
+                    )
+                bound = constraint.bind(full(param), name)  # a sharded parameter: its global tensor
+                earlier = new.get(param, self.bounds.get(param))
+                new[param] = bound if earlier is None else combine(earlier, bound, param, name)
         with torch.no_grad():
             for param, bound in new.items():
                 with full_tensors(param, self.optimizer.state.get(param, {})) as (whole, state):
                     bound.project_(whole)
                     project_state_(bound, state, whole)
                 self.bounds[param] = bound
-            restart_history_(self.optimizer)
+            if new:
+                restart_history_(self.optimizer)
         self._regroup()
         return self
 
@@ -168,7 +176,7 @@ class ConstraintEngine:
             if not measure:
                 kind.project_grad_all_(bs, grads, ps)
                 continue
-            removed, total = project_grads_measured_(kind, bs, grads, ps, self._audit_scratch())
+            removed, total = project_grads_measured_(kind, bs, grads, ps, self._scratch)
             blocked.update(zip(bs, zip(removed, total)))
         return blocked
 
@@ -220,14 +228,14 @@ class ConstraintEngine:
             return
         drift, drift_max, residual = [], [], []
         for kind, bs, ps in groups:
-            d, m = project_measured_(kind, bs, ps, self._audit_scratch())
+            d, m = project_measured_(kind, bs, ps, self._scratch)
             drift += d
             drift_max += m
         if not params:
             return
         param_norms = []
         for _, bs, ps in groups:
-            r, n = residuals(bs, ps, self._audit_scratch())
+            r, n = residuals(bs, ps, self._scratch)
             residual += r
             param_norms += n
         nan = {}
@@ -248,17 +256,11 @@ class ConstraintEngine:
             self._report_nonfinite(norms_host)
         self._check_residuals(records, params, norms_host)
 
-    def _audit_scratch(self) -> Scratch:
-        scratch = getattr(self, "_scratch", None)
-        if scratch is None:
-            scratch = self._scratch = Scratch()
-        return scratch
-
     def _audit_labels(self) -> tuple[list[str], list[str]]:
         """Names and constraint descriptions in group order, computed once per grouping (a
         constraint's repr may read its data)."""
         bounds = tuple(b for _, bs, _ in self._groups for b in bs)
-        cache = getattr(self, "_labels_cache", None)
+        cache = self._labels_cache
         if cache is None or cache[0] != bounds:  # identity: Bound has no __eq__
             cache = (bounds, [b.name for b in bounds], [repr(b.constraint) for b in bounds])
             self._labels_cache = cache
@@ -314,7 +316,6 @@ class ConstraintEngine:
                 off.append(f"{bound.name}: distance {distance:.3g} > {limit:.3g} from {bound.constraint!r}")
         if off:
             raise ConstraintViolation("off the set: " + "; ".join(off))
-
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -448,7 +449,6 @@ def state_problems(saved: dict, bounds: list[Bound]) -> list[str]:
                         f"{tuple(mine[key].shape)} here"
                     )
     return problems
-
 
 
 def combine(old: Bound, new: Bound, param, name) -> Bound:

@@ -115,7 +115,7 @@ def constrain(
 
     The keyword arguments are `ConstrainedOptimizer`'s. Returns a `ConstraintHandle` with
     ``attach``, ``audit``, ``check`` and ``remove``. An attach of ``constraints`` that fails
-    raises `ConstraintError` and installs no hooks.
+    raises `ConstraintError`, changes nothing and installs no hooks.
 
     >>> import torch, constrained_optim as co
     >>> model = torch.nn.Linear(3, 3)
@@ -137,6 +137,5 @@ def constrain(
         optimizer, model, audit_every=audit_every, log_every=log_every,
         tolerance=tolerance, on_violation=on_violation,
     )
-    for target, constraint in (constraints or {}).items():
-        engine.attach(target, constraint)
+    engine.attach_all(list((constraints or {}).items()))
     return ConstraintHandle(optimizer, engine)

@@ -63,8 +63,7 @@ class ConstrainedOptimizer(torch.optim.Optimizer):
             optimizer, model, audit_every=audit_every, log_every=log_every,
             tolerance=tolerance, on_violation=on_violation,
         )
-        for target, constraint in (constraints or {}).items():
-            self.attach(target, constraint)
+        self.engine.attach_all(list((constraints or {}).items()))
 
     # -- constraints -----------------------------------------------------------------------------------
     def attach(self, target, constraint: Constraint) -> ConstrainedOptimizer:

@@ -88,6 +88,21 @@ def test_constraints_argument_is_attach_for_each(setup):
     assert bound_names(opt) == ["head.weight"]
 
 
+@pytest.mark.parametrize("how", ["wrapper", "constrain"])
+def test_constraints_argument_is_all_or_nothing(setup, how):
+    """One unfit entry in ``constraints`` leaves the others unattached and every tensor as it was."""
+    model, inner, _ = setup
+    snap = snapshot(model, inner)
+    constraints = {"features.0.weight": co.Fixed((..., 1, 1)), "head.weight": co.Symmetric()}
+    with pytest.raises(co.ConstraintError, match=r"head\.weight \(shape \(2, 4\)"):
+        if how == "wrapper":
+            co.ConstrainedOptimizer(inner, model, constraints)
+        else:
+            co.constrain(inner, model, constraints)
+    assert_unchanged(model, inner, snap)
+    assert not inner._optimizer_step_pre_hooks
+
+
 def test_unknown_target_names_the_closest_parameters(setup):
     model, inner, opt = setup
     snap = snapshot(model, inner)
