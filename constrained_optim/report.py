@@ -185,6 +185,7 @@ def plot(records, path) -> None:
     fig = Figure(figsize=(9, 6.5), layout="constrained")
     FigureCanvasAgg(fig)  # no pyplot: the user's backend and global state stay untouched
     axes = fig.subplots(2, 1, sharex=True)
+    steps_seen = [r.step for r in records]
     for ax, field, label in ((axes[0], "drift", "drift  ||x - P(x)|| before projection"),
                              (axes[1], "residual", "residual  after projection")):
         plotted = False
@@ -200,6 +201,12 @@ def plot(records, path) -> None:
             plotted = True
         if plotted:
             ax.set_yscale("log")
+        else:  # nothing to draw on a log axis: say so rather than show an empty frame
+            ax.set_yticks([])
+            ax.text(0.5, 0.5, f"{field} 0 at every audited step", transform=ax.transAxes,
+                    ha="center", va="center")
+        if steps_seen and min(steps_seen) < max(steps_seen):
+            ax.set_xlim(min(steps_seen), max(steps_seen))
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
         if series:
