@@ -17,6 +17,12 @@ from .engine import ConstraintEngine
 from .errors import ConstraintError
 
 
+def shared(name: str) -> property:
+    """The wrapped optimizer's attribute ``name``, read and written through."""
+    return property(lambda self: getattr(self.optimizer, name),
+                    lambda self, value: setattr(self.optimizer, name, value))
+
+
 class ConstrainedOptimizer(torch.optim.Optimizer):
     """Wraps ``optimizer`` so that attached constraints hold after every step.
 
@@ -48,12 +54,8 @@ class ConstrainedOptimizer(torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, ConstrainedOptimizer):
             raise ConstraintError("optimizer is already a ConstrainedOptimizer; attach to it instead")
-        self.optimizer = optimizer
+        self.optimizer = optimizer  # param_groups, state, defaults: its own objects (see below)
         self.model = model
-        # the wrapped optimizer's own objects, shared, not copied
-        self.defaults = optimizer.defaults
-        self.param_groups = optimizer.param_groups
-        self.state = optimizer.state
         for hooks in ("step_pre", "step_post", "state_dict_pre", "state_dict_post",
                       "load_state_dict_pre", "load_state_dict_post"):
             setattr(self, f"_optimizer_{hooks}_hooks", OrderedDict())
@@ -164,29 +166,9 @@ class ConstrainedOptimizer(torch.optim.Optimizer):
     # -- the wrapped optimizer's own objects --------------------------------------------------------------
     # properties, so that they stay shared when the wrapped optimizer replaces them (its
     # load_state_dict builds new param_groups and state)
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value):
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value):
-        self.optimizer.state = value
-
-    @property
-    def defaults(self):
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value):
-        self.optimizer.defaults = value
+    param_groups = shared("param_groups")
+    state = shared("state")
+    defaults = shared("defaults")
 
     # -- the rest of torch.optim.Optimizer -------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
