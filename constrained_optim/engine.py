@@ -32,9 +32,15 @@ log = logging.getLogger("constrained_optim")
 ON_VIOLATION = ("warn", "raise", "ignore")
 
 
-def default_atol(param_norm: float, dtype: torch.dtype) -> float:
-    """A few float eps relative to the parameter's scale."""
-    return 16 * torch.finfo(dtype).eps * max(1.0, param_norm)
+def default_atol(param_norm: float, param: torch.Tensor) -> float:
+    """A few float eps relative to the parameter's scale.
+
+    The scale is its norm, times ``sqrt(min(m, k))`` of its ``(m, k)`` matrix view: rounding in
+    an SVD-based projection (`Orthogonal`, `LowRank`) grows with the matrix's size, while exact
+    projections leave 0 whatever the size."""
+    rows = param.shape[0] if param.dim() >= 2 else 1
+    side = min(rows, param.numel() // max(rows, 1)) if param.numel() else 1
+    return 16 * torch.finfo(param.dtype).eps * max(1.0, param_norm) * math.sqrt(max(side, 1))
 
 
 class ConstraintEngine:
@@ -292,7 +298,7 @@ class ConstraintEngine:
             return
         off = []
         for r, p, n in zip(records, params, param_norms):
-            limit = self.tolerance if self.tolerance is not None else default_atol(n, p.dtype)
+            limit = self.tolerance if self.tolerance is not None else default_atol(n, p)
             if math.isfinite(n) and not r.residual <= limit:
                 off.append(f"{r.name} (residual {r.residual:.3g} > tolerance {limit:.3g}, {r.constraint})")
         if not off:
@@ -311,7 +317,7 @@ class ConstraintEngine:
             param = full(param)
             distance = float(bound.residual(param).norm())
             scale = float(param.norm())
-            limit = atol if atol is not None else default_atol(scale, param.dtype)
+            limit = atol if atol is not None else default_atol(scale, param)
             if not (distance <= limit and math.isfinite(scale)):
                 off.append(f"{bound.name}: distance {distance:.3g} > {limit:.3g} from {bound.constraint!r}")
         if off:

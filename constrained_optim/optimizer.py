@@ -93,7 +93,8 @@ class ConstrainedOptimizer(torch.optim.Optimizer):
     def check(self, atol: float | None = None) -> None:
         """Raise `ConstraintViolation` naming every parameter off its set, with its distance.
 
-        The default ``atol`` is a few float eps relative to each parameter's norm."""
+        The default ``atol`` is a few float eps relative to each parameter's scale (its norm,
+        times the square root of the smaller side of its matrix view)."""
         self.engine.check(atol)
 
     @property
