@@ -287,3 +287,24 @@ def test_resume_with_an_lr_scheduler(tmp_path):
     train_scheduled(model_b, opt_b, sched_b, range(HALF, 2 * HALF))
     assert opt_b.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == 0.05 * 0.5**5
     assert_same_run(model, opt, model_b, opt_b)
+
+
+def test_fixed_mask_positions_come_from_the_checkpoint():
+    """A Fixed given as a bool mask saves its held positions: loading puts them back even when
+    the fresh attach was given another mask with as many held entries."""
+    first = torch.tensor([[True, False, False], [False, False, True]])
+    other = torch.tensor([[False, True, False], [True, False, False]])
+    saved_model = torch.nn.Linear(3, 2)
+    saved = co.ConstrainedOptimizer(torch.optim.SGD(saved_model.parameters(), lr=0.1), saved_model)
+    saved.attach("weight", co.Fixed(first, 0.5))
+    model = torch.nn.Linear(3, 2)
+    opt = co.ConstrainedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    opt.attach("weight", co.Fixed(other, 0.5))
+    opt.load_state_dict(saved.state_dict())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    assert bool((model.weight.detach()[first] == 0.5).all())
+    with pytest.raises(co.ConstraintError, match="mask of 1 held"):
+        third = co.ConstrainedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+        third.attach("weight", co.Fixed(torch.tensor([[True, False, False], [False, False, False]]), 0.5))
+        third.load_state_dict(saved.state_dict())

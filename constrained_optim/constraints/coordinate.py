@@ -173,7 +173,8 @@ class Fixed(Constraint):
         return FixedBound(self, name, param, index, values)
 
     def __repr__(self):
-        where = "mask" if isinstance(self.where, torch.Tensor) else repr(self.where)
+        where = (f"mask of {int(self.where.sum())} held" if isinstance(self.where, torch.Tensor)
+                 else repr(self.where))
         value = "tensor" if isinstance(self.value, torch.Tensor) else repr(self.value)
         return f"Fixed({where.replace('Ellipsis', '...')}, {value})"
 
@@ -209,7 +210,9 @@ class FixedBound(Bound):
         v[self.index] = 0
 
     def state_tensors(self):
-        return {"values": self.values}
+        # a mask's held positions are data too: a checkpoint carries them, like Mask's keep
+        positions = {f"index{i}": t for i, t in enumerate(self.index) if isinstance(t, torch.Tensor)}
+        return {"values": self.values, **positions}
 
 
 # -- Box ---------------------------------------------------------------------------------------------
