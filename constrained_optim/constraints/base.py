@@ -35,7 +35,24 @@ from ..errors import ConstraintError, describe
 
 
 class Constraint:
-    """A set of allowed values for a parameter. Subclasses implement `_bind`."""
+    """A set of allowed values for a parameter. Subclasses implement `_bind`.
+
+    A constraint is a description, reusable across parameters; ``bind(param, name)`` checks it
+    against one parameter and resolves it into a `Bound` (what the step uses). ``a & b`` is the
+    intersection of two sets.
+
+    >>> import torch, constrained_optim as co
+    >>> both = co.Mask(torch.tensor([True, True, False])) & co.Box(-1.0, 1.0)
+    >>> w = torch.nn.Parameter(torch.tensor([3.0, -0.5, 2.0]))
+    >>> with torch.no_grad():
+    ...     both.bind(w, "w").project_(w)
+    >>> w.data
+    tensor([ 1.0000, -0.5000,  0.0000])
+    >>> co.Symmetric().bind(torch.nn.Parameter(torch.zeros(2, 3)), "w")
+    Traceback (most recent call last):
+    ...
+    constrained_optim.errors.ConstraintError: w (shape (2, 3), torch.float32): Symmetric swaps dims (0, 1), which need equal sizes (got 2 and 3)
+    """
 
     #: True for linear and affine sets: the gradient projection is exact and the optimizer's
     #: update of a point of the set stays in the set (for element-wise optimizers).
