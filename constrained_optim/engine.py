@@ -87,6 +87,11 @@ class ConstraintEngine:
     def attach_all(self, items) -> ConstraintEngine:
         """`attach` for each ``(target, constraint)``, all or nothing: every one is resolved
         before any parameter or optimizer state changes."""
+        if items and isinstance(self.optimizer, torch.optim.SparseAdam):
+            raise ConstraintError(
+                "SparseAdam takes sparse gradients only, and a gradient projected onto a "
+                "constraint's tangent space is dense; use Adam or SGD for constrained parameters"
+            )
         names = parameter_names(self.model, self.optimizer)
         held = {p for group in self.optimizer.param_groups for p in group["params"]}
         new: dict[nn.Parameter, Bound] = {}
@@ -178,6 +183,9 @@ class ConstraintEngine:
             if not have:
                 continue
             bs, ps = (list(t) for t in zip(*have))
+            for p in ps:
+                if p.grad.is_sparse:  # nn.Embedding(sparse=True): a projected gradient is dense
+                    p.grad = p.grad.to_dense()
             grads = [p.grad for p in ps]
             if not measure:
                 kind.project_grad_all_(bs, grads, ps)

@@ -239,3 +239,26 @@ def test_wrapper_shares_the_wrapped_optimizer_objects(setup):
     assert isinstance(opt, torch.optim.Optimizer)
     with pytest.raises(TypeError):
         co.ConstrainedOptimizer(object())
+
+
+def test_sparse_gradients_are_made_dense_for_the_projection():
+    """nn.Embedding(sparse=True) gives sparse gradients; the projected one is dense."""
+    emb = nn.Embedding(5, 3, sparse=True)
+    opt = co.ConstrainedOptimizer(torch.optim.SGD(emb.parameters(), lr=0.1, momentum=0.9), emb)
+    opt.attach("weight", co.Mask(torch.tensor([True, False, True])))
+    before = emb.weight.detach().clone()
+    for _ in range(3):
+        opt.zero_grad()
+        emb(torch.tensor([1, 2])).sum().backward()
+        assert emb.weight.grad.is_sparse
+        opt.step()
+        assert bool((emb.weight.detach()[:, 1] == 0).all())
+    assert torch.equal(emb.weight.detach()[[0, 3, 4]][:, [0, 2]], before[[0, 3, 4]][:, [0, 2]])
+    assert not torch.equal(emb.weight.detach()[[1, 2]][:, [0, 2]], before[[1, 2]][:, [0, 2]])
+
+
+def test_sparse_adam_is_refused():
+    emb = nn.Embedding(5, 3, sparse=True)
+    opt = co.ConstrainedOptimizer(torch.optim.SparseAdam(emb.parameters()), emb)
+    with pytest.raises(co.ConstraintError, match="SparseAdam"):
+        opt.attach("weight", co.Mask(torch.tensor([True, False, True])))
