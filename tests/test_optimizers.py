@@ -152,3 +152,31 @@ def test_fixed_nonzero_value_survives_weight_decay():
         p.pow(2).sum().backward()
         opt.step()
         assert bool((p[..., 1, 1] == 0.75).all())
+
+
+@pytest.mark.parametrize("make", [
+    lambda: co.Mask(torch.rand(8, 8, 3, 3, generator=torch.Generator().manual_seed(0)) > 0.5),
+    lambda: co.Fixed((..., 1, 1), 0.25),
+    lambda: co.Tied(torch.tensor([[0, 1, 0], [1, 2, 1], [0, 1, 0]])),
+    lambda: co.Symmetric(dims=(0, 1), flip=(2, 3)),
+    lambda: co.Invariant.rotations(),
+    lambda: co.Orthogonal(),
+    lambda: co.NMSparsity(2, 4, dim=1),
+], ids=["Mask", "Fixed", "Tied", "Symmetric", "rotations", "Orthogonal", "NMSparsity"])
+def test_channels_last_weights_keep_their_layout_and_their_set(make):
+    """A channels_last conv weight is not contiguous; projections write through its strides."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 8, 3).to(memory_format=torch.channels_last)
+    reference = torch.nn.Conv2d(8, 8, 3)
+    reference.load_state_dict(conv.state_dict())
+    opts = [co.ConstrainedOptimizer(torch.optim.Adam(m.parameters(), lr=1e-2), m, on_violation="raise")
+            .attach("weight", make()) for m in (conv, reference)]
+    for step in range(3):
+        x = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(step))
+        for m, opt in zip((conv, reference), opts):
+            opt.zero_grad()
+            m(x.contiguous(memory_format=torch.channels_last) if m is conv else x).pow(2).mean().backward()
+            opt.step()
+        opts[0].check()
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(conv.weight.detach(), reference.weight.detach(), rtol=1e-5, atol=1e-6)
