@@ -14,9 +14,10 @@ from torch import nn
 from .constraints.base import Constraint
 from .engine import ConstraintEngine
 from .errors import ConstraintError
+from .surface import EngineSurface
 
 
-class ConstraintHandle:
+class ConstraintHandle(EngineSurface):
     """Constraints installed on an optimizer by `constrain`; ``remove()`` takes them off.
 
     ``attach``/``detach``/``project_``/``check``/``audit``/``state_dict`` behave as on
@@ -57,35 +58,12 @@ class ConstraintHandle:
             hook.remove()
         self._hooks = []
 
-    # -- the same surface as ConstrainedOptimizer ------------------------------------------------------------
+    # -- the rest of the surface is ConstrainedOptimizer's (EngineSurface) -------------------------------
     def attach(self, target, constraint: Constraint) -> ConstraintHandle:
         """Constrain the parameters ``target`` names (see `ConstrainedOptimizer.attach`)."""
         if not self.active:
             raise ConstraintError("this constrain() handle was removed; call co.constrain again")
-        self.engine.attach(target, constraint)
-        return self
-
-    def detach(self, target) -> ConstraintHandle:
-        self.engine.detach(target)
-        return self
-
-    def project_(self) -> None:
-        self.engine.project_()
-
-    def project_module_(self, module: nn.Module) -> None:
-        """See `ConstrainedOptimizer.project_module_`."""
-        self.engine.project_module_(module)
-
-    def check(self, atol: float | None = None) -> None:
-        self.engine.check(atol)
-
-    @property
-    def audit(self):
-        return self.engine.audit
-
-    @property
-    def steps_taken(self) -> int:
-        return self.engine.steps_taken
+        return super().attach(target, constraint)
 
     def state_dict(self) -> dict:
         """The constraints' data, the step count and the audit (not the optimizer's state)."""
@@ -95,9 +73,7 @@ class ConstraintHandle:
         self.engine.load_state_dict(state)
 
     def __repr__(self) -> str:
-        lines = [f"constrain({type(self.optimizer).__name__}{'' if self.active else ', removed'}"]
-        lines += [f"  {b.name}: {b.constraint!r}" for b in self.engine.bounds.values()]
-        return "\n".join(lines) + ")"
+        return self._describe(f"constrain({type(self.optimizer).__name__}{'' if self.active else ', removed'}")
 
 
 def constrain(

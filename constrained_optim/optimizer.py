@@ -12,9 +12,9 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .constraints.base import Constraint
 from .engine import ConstraintEngine
 from .errors import ConstraintError
+from .surface import EngineSurface
 
 
 def shared(name: str) -> property:
@@ -23,7 +23,7 @@ def shared(name: str) -> property:
                     lambda self, value: setattr(self.optimizer, name, value))
 
 
-class ConstrainedOptimizer(torch.optim.Optimizer):
+class ConstrainedOptimizer(EngineSurface, torch.optim.Optimizer):
     """Wraps ``optimizer`` so that attached constraints hold after every step.
 
     ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's own objects, so LR
@@ -67,44 +67,6 @@ class ConstrainedOptimizer(torch.optim.Optimizer):
         )
         self.engine.attach_all(list((constraints or {}).items()))
 
-    # -- constraints -----------------------------------------------------------------------------------
-    def attach(self, target, constraint: Constraint) -> ConstrainedOptimizer:
-        """Constrain the parameters ``target`` names to ``constraint``'s set, from now on.
-
-        ``target``: a parameter name (``"layer.weight"``), a module name (its ``weight``), an
-        ``fnmatch`` glob over parameter names, a compiled regex (``fullmatch``) or an
-        ``nn.Parameter``. The parameters and the optimizer state already held for them are
-        projected at once. A second constraint on a parameter means the intersection. Raises
-        `ConstraintError` and changes nothing if the target matches nothing, a parameter is not
-        held by the wrapped optimizer, or the constraint cannot take its shape or dtype.
-        """
-        self.engine.attach(target, constraint)
-        return self
-
-    def detach(self, target) -> ConstrainedOptimizer:
-        """Remove every constraint from the parameters ``target`` names."""
-        self.engine.detach(target)
-        return self
-
-    def project_(self) -> None:
-        """Project every constrained parameter onto its set now."""
-        self.engine.project_()
-
-    def check(self, atol: float | None = None) -> None:
-        """Raise `ConstraintViolation` naming every parameter off its set, with its distance.
-
-        The default ``atol`` is a few float eps relative to each parameter's scale (its norm,
-        times the square root of the smaller side of its matrix view)."""
-        self.engine.check(atol)
-
-    @property
-    def audit(self):
-        return self.engine.audit
-
-    @property
-    def steps_taken(self) -> int:
-        return self.engine.steps_taken
-
     def step(self, closure=None):
         """Project gradients, run the wrapped optimizer's step, project parameters back, audit."""
         if closure is None:
@@ -114,17 +76,6 @@ class ConstrainedOptimizer(torch.optim.Optimizer):
             loss = self.optimizer.step(self.engine.wrap_closure(closure))
         self.engine.after_step()
         return loss
-
-    def project_module_(self, module: nn.Module) -> None:
-        """Project another module's parameters of the same names onto the attached sets.
-
-        For an averaged or EMA copy (``torch.optim.swa_utils.AveragedModel``): an average of
-        points of a convex set (every linear set, boxes, balls) stays in it, up to rounding, but
-        an average of points of a non-convex set (`UnitNorm`, `Orthogonal`, `LowRank`, sparsity
-        patterns that change) does not; ``opt.project_module_(averaged)`` puts the copy back on
-        the sets. Names may carry a wrapper's prefix (``module.``, ``_orig_mod.``).
-        """
-        self.engine.project_module_(module)
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -185,9 +136,7 @@ class ConstrainedOptimizer(torch.optim.Optimizer):
         self.__dict__.update(state)
 
     def __repr__(self) -> str:
-        lines = [f"ConstrainedOptimizer({self.optimizer!r}"]
-        lines += [f"  {b.name}: {b.constraint!r}" for b in self.engine.bounds.values()]
-        return "\n".join(lines) + ")"
+        return self._describe(f"ConstrainedOptimizer({self.optimizer!r}")
 
 
 def check_groups(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:

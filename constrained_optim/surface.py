@@ -1,0 +1,64 @@
+"""What `ConstrainedOptimizer` and `constrain`'s handle both offer, delegated to their engine."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .constraints.base import Constraint
+
+
+class EngineSurface:
+    """``attach``, ``detach``, ``project_``, ``project_module_``, ``check``, ``audit`` and
+    ``steps_taken`` over ``self.engine`` (a `ConstraintEngine`)."""
+
+    def attach(self, target, constraint: Constraint):
+        """Constrain the parameters ``target`` names to ``constraint``'s set, from now on.
+
+        ``target``: a parameter name (``"layer.weight"``), a module name (its ``weight``), an
+        ``fnmatch`` glob over parameter names, a compiled regex (``fullmatch``) or an
+        ``nn.Parameter``. The parameters and the optimizer state already held for them are
+        projected at once. A second constraint on a parameter means the intersection. Raises
+        `ConstraintError` and changes nothing if the target matches nothing, a parameter is not
+        held by the wrapped optimizer, or the constraint cannot take its shape or dtype.
+        """
+        self.engine.attach(target, constraint)
+        return self
+
+    def detach(self, target):
+        """Remove every constraint from the parameters ``target`` names."""
+        self.engine.detach(target)
+        return self
+
+    def project_(self) -> None:
+        """Project every constrained parameter onto its set now."""
+        self.engine.project_()
+
+    def project_module_(self, module: nn.Module) -> None:
+        """Project another module's parameters of the same names onto the attached sets.
+
+        For an averaged or EMA copy (``torch.optim.swa_utils.AveragedModel``): an average of
+        points of a convex set (every linear set, boxes, balls) stays in it, up to rounding, but
+        an average of points of a non-convex set (`UnitNorm`, `Orthogonal`, `LowRank`, sparsity
+        patterns that change) does not; ``project_module_(averaged)`` puts the copy back on
+        the sets. Names may carry a wrapper's prefix (``module.``, ``_orig_mod.``).
+        """
+        self.engine.project_module_(module)
+
+    def check(self, atol: float | None = None) -> None:
+        """Raise `ConstraintViolation` naming every parameter off its set, with its distance.
+
+        The default ``atol`` is a few float eps relative to each parameter's scale (its norm,
+        times the square root of the smaller side of its matrix view)."""
+        self.engine.check(atol)
+
+    @property
+    def audit(self):
+        return self.engine.audit
+
+    @property
+    def steps_taken(self) -> int:
+        return self.engine.steps_taken
+
+    def _describe(self, head: str) -> str:
+        lines = [head] + [f"  {b.name}: {b.constraint!r}" for b in self.engine.bounds.values()]
+        return "\n".join(lines) + ")"
