@@ -134,7 +134,7 @@ class NormBall(Constraint):
             return BoxBound(self, name, param, -self.radius, self.radius)
         if self.p == 2:
             return L2BallBound(self, name, param, dims, self.radius)
-        return L1BallBound(self, name, param, dims, self.radius)
+        return RowwiseBound(self, name, param, dims, self.radius, l1_ball_rows)
 
     def __repr__(self):
         p = "inf" if self.p == math.inf else self.p
@@ -227,7 +227,7 @@ class Simplex(Constraint):
         dims = _dims(self.dim, param, name, repr(self))
         if dims is None or math.prod(param.shape[d] for d in dims) == 0:
             raise ConstraintError(f"{describe(name, param)}: {self!r} needs a non-empty dim")
-        return SimplexBound(self, name, param, dims, self.radius)
+        return RowwiseBound(self, name, param, dims, self.radius, simplex_rows)
 
     def __repr__(self):
         return f"Simplex(dim={self.dim}, radius={self.radius:g})"
@@ -257,19 +257,12 @@ class UnitNormBound(Bound):
         unit_sphere_project_(x, self.dims)
 
 
-class L1BallBound(Bound):
-    def __init__(self, constraint, name, param, dims, radius):
+class RowwiseBound(Bound):
+    """A set projected one unit at a time by a sort-based ``rows(v, radius)`` (L1 ball, simplex)."""
+
+    def __init__(self, constraint, name, param, dims, radius, rows):
         super().__init__(constraint, name, param)
-        self.dims, self.radius = dims, radius
+        self.dims, self.radius, self.rows = dims, radius, rows
 
     def project_(self, x):
-        rows_project_(x, self.dims, lambda v: l1_ball_rows(v, self.radius))
-
-
-class SimplexBound(Bound):
-    def __init__(self, constraint, name, param, dims, radius):
-        super().__init__(constraint, name, param)
-        self.dims, self.radius = dims, radius
-
-    def project_(self, x):
-        rows_project_(x, self.dims, lambda v: simplex_rows(v, self.radius))
+        rows_project_(x, self.dims, lambda v: self.rows(v, self.radius))
