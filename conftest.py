@@ -5,3 +5,5 @@ import importlib.util
 collect_ignore = []
 if importlib.util.find_spec("lightning") is None:
     collect_ignore.append("constrained_optim/lightning.py")
+if importlib.util.find_spec("transformers") is None:
+    collect_ignore.append("constrained_optim/transformers.py")

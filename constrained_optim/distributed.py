@@ -63,33 +63,25 @@ def write_back_(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
 
 
-@contextmanager
-def full_tensors(param: torch.Tensor, state: dict):
-    """``(param, state)`` as full plain tensors; on exit their shards are written back.
+def local_part(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """The plain tensor to store into ``local(dst)``: ``src`` itself, or for a sharded ``dst`` the
+    slice of the full ``src`` that is this rank's shard (no traffic: every rank holds ``src``)."""
+    if not is_sharded(dst):
+        return src
+    from torch.distributed.tensor import distribute_tensor
 
-    For attach: the parameter and the optimizer state held for it are projected on the full
-    tensors. A plain parameter and its state are yielded as they are (no copies).
-    """
-    if not is_sharded(param) and not any(is_sharded(v) for v in state.values()):
-        yield param, state
-        return
-    whole = full(param)
-    whole_state = {k: full(v) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
-    yield whole, whole_state
-    write_back_(param, whole)
-    for key, value in state.items():
-        if is_sharded(value):
-            write_back_(value, whole_state[key])
+    return distribute_tensor(src, dst.device_mesh, dst.placements, src_data_rank=None).to_local()
 
 
 class FullView:
-    """Plain full-tensor stand-ins for the sharded parameters among an engine's groups.
+    """Plain full-tensor stand-ins for the sharded parameters of a binding.
 
-    Each sharded parameter gets one persistent stand-in (so results keyed by parameter, such
-    as the share of each gradient that was blocked, stay keyed the same across calls). Inside
-    ``gathered(...)`` the stand-ins hold the gathered parameters (and gradients); on exit the
+    Each sharded parameter gets one persistent stand-in (so measures keyed by bound stay keyed
+    the same across calls). ``gathered(groups, ...)`` hands back the groups with stand-ins
+    holding the gathered parameters (and gradients) in place of the sharded ones; on exit the
     projected parameters and/or gradients are written back as shards and the stand-ins let go
-    of the full tensors, so between steps they hold no memory.
+    of the full tensors, so between steps they hold no memory. The engine's own groups are
+    never changed.
     """
 
     def __init__(self, params):
@@ -99,18 +91,17 @@ class FullView:
     def __bool__(self) -> bool:
         return bool(self.sharded)
 
-    def swap(self, groups):
-        """``groups`` (``(kind, bounds, params)``) with stand-ins in place of sharded params."""
-        return [(kind, bounds, [self.stand_ins.get(p, p) for p in params]) for kind, bounds, params in groups]
-
     @contextmanager
-    def gathered(self, grads: bool, params_back: bool, grads_back: bool):
+    def gathered(self, groups, grads: bool = False, params_back: bool = False, grads_back: bool = False):
+        if not self.sharded:
+            yield groups
+            return
         with torch.no_grad():
             for p, s in self.stand_ins.items():
                 s.set_(p.full_tensor())
                 s.grad = p.grad.full_tensor() if grads and p.grad is not None else None
         try:
-            yield
+            yield [g.with_params([self.stand_ins.get(p, p) for p in g.params]) for g in groups]
         finally:
             self._write_back(params_back, grads_back)
 

@@ -1,18 +1,25 @@
-"""`constrain`: constraints on an optimizer you cannot wrap, installed as step hooks on it.
+"""`constrain`: constraints on an optimizer you cannot wrap, installed on it in place.
 
-Trainers that build their own optimizer (and call its ``step`` themselves) leave no place for a
-`ConstrainedOptimizer`. ``co.constrain(optimizer, model, {target: constraint})`` gives the same
-guarantees and the same audit through ``register_step_pre_hook`` / ``register_step_post_hook``:
-the same `ConstraintEngine` does the work, so the two give the same parameters.
+Trainers that build their own optimizer (and call its ``step`` themselves: HF ``Trainer``,
+accelerate, Lightning) leave no place for a `ConstrainedOptimizer`. ``co.constrain(optimizer,
+model, {target: constraint})`` gives the same guarantees and the same audit: the optimizer's
+``step`` is wrapped on the instance (the same engine runs around it, so the two give the same
+parameters bit for bit), and the constraints' state rides inside the optimizer's own
+``state_dict`` through torch's state-dict hooks, so whoever saves ``optimizer.state_dict()``
+saves it too.
 """
 
 from __future__ import annotations
 
+import functools
+import types
+
 import torch
 from torch import nn
 
+from .checkpoint import NO_CONSTRAINT_STATE, check_optimizer_state
 from .constraints.base import Constraint
-from .engine import ConstraintEngine
+from .engine import ConstraintEngine, engine_of, make_engine, release
 from .errors import ConstraintError
 from .surface import EngineSurface
 
@@ -21,44 +28,91 @@ class ConstraintHandle(EngineSurface):
     """Constraints installed on an optimizer by `constrain`; ``remove()`` takes them off.
 
     ``attach``/``detach``/``project_``/``check``/``audit``/``state_dict`` behave as on
-    `ConstrainedOptimizer`; ``state_dict`` holds only the constraints' part (the optimizer's
-    own ``state_dict`` is saved by whoever saves the optimizer).
+    `ConstrainedOptimizer`; ``state_dict`` holds only the constraints' part, which the
+    optimizer's own ``state_dict`` also carries under ``"constraints"``.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, engine: ConstraintEngine):
         self.optimizer = optimizer
         self.engine = engine
+        self._pending = None  # a validated checkpoint, between the load pre- and post-hook
+        original = optimizer.step
+
+        @functools.wraps(original)
+        def step(opt, *args, **kwargs):
+            if not self.active:
+                return original(*args, **kwargs)
+            return self._step(original, args, kwargs)
+
+        # a bound method, as torch's LR schedulers expect of ``optimizer.step`` (they re-wrap
+        # its ``__func__``)
+        self._step_wrapper = types.MethodType(step, optimizer)
+        optimizer.step = self._step_wrapper
         self._hooks = [
-            optimizer.register_step_pre_hook(self._before_step),
-            optimizer.register_step_post_hook(self._after_step),
+            optimizer.register_state_dict_post_hook(self._save_hook),
+            optimizer.register_load_state_dict_pre_hook(self._validate_hook),
+            optimizer.register_load_state_dict_post_hook(self._commit_hook),
         ]
+        self._active = True
 
-    # -- the hooks ---------------------------------------------------------------------------------------
-    def _before_step(self, optimizer, args, kwargs):
-        """Project gradients now, or wrap the closure so each evaluation leaves them projected."""
-        # torch passes the step's own arguments: args[0] is the optimizer, a closure follows it
-        if kwargs.get("closure") is not None:
-            return args, {**kwargs, "closure": self.engine.wrap_closure(kwargs["closure"])}
-        if len(args) > 1 and args[1] is not None:
-            return (args[0], self.engine.wrap_closure(args[1]), *args[2:]), kwargs
-        self.engine.before_step()
-        return None
+    # -- the step ------------------------------------------------------------------------------------------
+    def _step(self, original, args, kwargs):
+        kwargs = dict(kwargs)
+        closure = args[0] if args else kwargs.pop("closure", None)
+        rest = args[1:]
 
-    def _after_step(self, optimizer, args, kwargs) -> None:
-        self.engine.after_step()
+        def call(c):
+            return original(*rest, **kwargs) if c is None else original(c, *rest, **kwargs)
 
+        return self.engine.run_step(call, closure, skipped=self._skipped_by_scaler)
+
+    def _skipped_by_scaler(self) -> bool:
+        """A fused optimizer under ``GradScaler`` skips its own update when ``found_inf`` is set
+        (the scaler hands it over as an attribute for the step)."""
+        found_inf = getattr(self.optimizer, "found_inf", None)
+        return isinstance(found_inf, torch.Tensor) and bool(found_inf.item() != 0)
+
+    # -- checkpoints through the optimizer's own state_dict --------------------------------------------
+    def _save_hook(self, optimizer, state_dict):
+        if self.active:
+            state_dict["constraints"] = self.engine.state_dict()
+        return state_dict
+
+    def _validate_hook(self, optimizer, state_dict):
+        if not self.active:
+            return state_dict
+        state_dict = dict(state_dict)
+        constraints = state_dict.pop("constraints", None)
+        if constraints is None:
+            raise ConstraintError(NO_CONSTRAINT_STATE + "; or remove() the constrain() handle first")
+        plan = self.engine.plan_load(constraints)
+        check_optimizer_state(optimizer, state_dict, self.engine.binding)
+        self._pending = plan
+        return state_dict
+
+    def _commit_hook(self, optimizer) -> None:
+        plan, self._pending = self._pending, None
+        if plan is not None:
+            self.engine.commit_load(plan)
+
+    # -- the handle ------------------------------------------------------------------------------------------
     @property
     def active(self) -> bool:
-        """Whether the hooks are still installed."""
-        return bool(self._hooks)
+        """Whether the constraints are still installed."""
+        return self._active
 
     def remove(self) -> None:
-        """Take the hooks off: later steps are the optimizer's own. The audit stays readable."""
+        """Take the constraints off: later steps and checkpoints are the optimizer's own. The
+        audit stays readable."""
+        if not self._active:
+            return
         for hook in self._hooks:
             hook.remove()
-        self._hooks = []
+        if self.optimizer.__dict__.get("step") is self._step_wrapper:
+            del self.optimizer.step  # else something wrapped it since: ours passes through
+        self._active = False
+        release(self.optimizer, self.engine)
 
-    # -- the rest of the surface is ConstrainedOptimizer's (EngineSurface) -------------------------------
     def attach(self, target, constraint: Constraint) -> ConstraintHandle:
         """Constrain the parameters ``target`` names (see `ConstrainedOptimizer.attach`)."""
         if not self.active:
@@ -70,10 +124,21 @@ class ConstraintHandle(EngineSurface):
         return self.engine.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        """Load what `state_dict` saved; validated whole first, so a mismatch changes nothing."""
         self.engine.load_state_dict(state)
 
     def __repr__(self) -> str:
         return self._describe(f"constrain({type(self.optimizer).__name__}{'' if self.active else ', removed'}")
+
+
+def stepping_optimizer(optimizer):
+    """The optimizer that actually steps: wrappers that hold it as ``.optimizer`` (accelerate's
+    ``AcceleratedOptimizer``, which subclasses ``Optimizer`` without running its ``__init__``)
+    are looked through."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer) and \
+            engine_of(optimizer) is None and not isinstance(getattr(optimizer, "engine", None), ConstraintEngine):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 def constrain(
@@ -87,11 +152,21 @@ def constrain(
     on_violation: str = "warn",
 ) -> ConstraintHandle:
     """Constrain ``optimizer`` in place: every ``optimizer.step()`` then projects gradients,
-    steps, projects parameters back and audits, exactly as `ConstrainedOptimizer` would.
+    steps, projects parameters back and audits, exactly as `ConstrainedOptimizer` would, and
+    ``optimizer.state_dict()`` carries the constraints' state.
 
-    The keyword arguments are `ConstrainedOptimizer`'s. Returns a `ConstraintHandle` with
-    ``attach``, ``audit``, ``check`` and ``remove``. An attach of ``constraints`` that fails
-    raises `ConstraintError`, changes nothing and installs no hooks.
+    Args:
+        optimizer: the optimizer that steps, or a wrapper holding it as ``.optimizer``
+            (accelerate's ``AcceleratedOptimizer``); refused if it already has an engine.
+        model, constraints, audit_every, log_every, tolerance, on_violation: as for
+            `ConstrainedOptimizer`.
+
+    Returns:
+        A `ConstraintHandle` with ``attach``, ``audit``, ``check`` and ``remove``.
+
+    Raises:
+        ConstraintError: bad options, an optimizer that already has an engine, or constraints
+            that cannot be attached; nothing is changed and nothing is installed.
 
     >>> import torch, constrained_optim as co
     >>> model = torch.nn.Linear(3, 3)
@@ -103,15 +178,13 @@ def constrain(
     (True, 1)
     >>> handle.remove()
     """
-    from .optimizer import ConstrainedOptimizer
-
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if isinstance(optimizer, ConstrainedOptimizer):
-        raise ConstraintError("optimizer is already a ConstrainedOptimizer; attach to it instead")
-    engine = ConstraintEngine(
-        optimizer, model, audit_every=audit_every, log_every=log_every,
-        tolerance=tolerance, on_violation=on_violation,
-    )
-    engine.attach_all(list((constraints or {}).items()))
-    return ConstraintHandle(optimizer, engine)
+    inner = stepping_optimizer(optimizer)
+    engine = make_engine(inner, model, constraints, audit_every=audit_every, log_every=log_every,
+                         tolerance=tolerance, on_violation=on_violation)
+    try:
+        return ConstraintHandle(inner, engine)
+    except BaseException:
+        release(inner, engine)
+        raise

@@ -11,10 +11,12 @@ from collections import OrderedDict
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
-from .engine import ConstraintEngine
-from .errors import ConstraintError
+from .checkpoint import check_optimizer_state
+from .engine import make_engine
 from .surface import EngineSurface
+from .transaction import deferred_interrupts
 
 
 def shared(name: str) -> property:
@@ -28,6 +30,26 @@ class ConstrainedOptimizer(EngineSurface, torch.optim.Optimizer):
 
     ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's own objects, so LR
     schedulers, ``GradScaler``, ``zero_grad`` and ``add_param_group`` work unchanged.
+
+    Args:
+        optimizer: the ``torch.optim.Optimizer`` that steps; one that already has an engine (a
+            ``ConstrainedOptimizer`` or a `constrain` handle) is refused with `ConstraintError`.
+        model: the module whose parameter names targets refer to; without it parameters are
+            named ``param_groups[g].params[i]``.
+        constraints: ``{target: constraint}``, attached all or nothing (as `attach` for each).
+        audit_every: measure every N-th step (drift, residual, gradient blocked); 0: never.
+            Measuring never changes training. Non-finite values are checked every step.
+        log_every: every N steps, write the latest audit through the ``"constrained_optim"``
+            logger at INFO; None: never.
+        tolerance: the largest residual (distance after projection) accepted on an audited step;
+            None: a few float eps of each parameter's scale.
+        on_violation: what a residual above ``tolerance`` does: ``"warn"`` (a warning naming the
+            parameter), ``"raise"`` (`ConstraintViolation`) or ``"ignore"``. Non-finite values are
+            always reported (a warning and a WARNING log record; `ConstraintViolation` under
+            ``"raise"``).
+
+    Raises:
+        ConstraintError: bad options, or a constraint in ``constraints`` that cannot be attached.
 
     >>> import torch, constrained_optim as co
     >>> model = torch.nn.Conv2d(2, 2, 3)
@@ -50,44 +72,36 @@ class ConstrainedOptimizer(EngineSurface, torch.optim.Optimizer):
         tolerance: float | None = None,
         on_violation: str = "warn",
     ):
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if isinstance(optimizer, ConstrainedOptimizer):
-            raise ConstraintError("optimizer is already a ConstrainedOptimizer; attach to it instead")
+        engine = make_engine(optimizer, model, constraints, audit_every=audit_every, log_every=log_every,
+                             tolerance=tolerance, on_violation=on_violation)
         self.optimizer = optimizer  # param_groups, state, defaults: its own objects (see below)
         self.model = model
+        self.engine = engine
         for hooks in ("step_pre", "step_post", "state_dict_pre", "state_dict_post",
                       "load_state_dict_pre", "load_state_dict_post"):
             setattr(self, f"_optimizer_{hooks}_hooks", OrderedDict())
         self._patch_step_function()
 
-        self.engine = ConstraintEngine(
-            optimizer, model, audit_every=audit_every, log_every=log_every,
-            tolerance=tolerance, on_violation=on_violation,
-        )
-        self.engine.attach_all(list((constraints or {}).items()))
-
     def step(self, closure=None):
-        """Project gradients, run the wrapped optimizer's step, project parameters back, audit."""
-        if closure is None:
-            self.engine.before_step()
-            loss = self.optimizer.step()
-        else:
-            loss = self.optimizer.step(self.engine.wrap_closure(closure))
-        self.engine.after_step()
-        return loss
+        """Project gradients, run the wrapped optimizer's step, project parameters back, audit.
+
+        If anything raises after the wrapped optimizer stepped, every constrained parameter is
+        still projected, and ``steps_taken`` counts the inner steps that completed."""
+        inner = self.optimizer
+        return self.engine.run_step(lambda c: inner.step() if c is None else inner.step(c), closure)
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The wrapped optimizer's ``state_dict`` plus, under ``"constraints"``, each constraint's
         own data (masks, bases, values, patterns chosen at attach), the step count and the audit.
 
-        The wrapped optimizer's keys are unchanged, so the same checkpoint also loads into a plain
-        optimizer.
+        Every tensor is a copy, so the returned dict never changes with later steps or loads. The
+        wrapped optimizer's keys are unchanged, so the same checkpoint also loads into a plain
+        optimizer. A collective when parameters are sharded: call it on every rank.
         """
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
-        state = self.optimizer.state_dict()
+        state = tree_map_only(torch.Tensor, lambda t: t.detach().clone(), self.optimizer.state_dict())
         state["constraints"] = self.engine.state_dict()
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state)
@@ -98,20 +112,27 @@ class ConstrainedOptimizer(EngineSurface, torch.optim.Optimizer):
         """Load a checkpoint of `state_dict`, so training continues as if it had not stopped.
 
         The same constraints must be attached to the same parameters first (attach projects the
-        fresh parameters; the checkpoint's data then replaces theirs). Everything is checked
-        before anything is loaded: a checkpoint whose constraints differ (other targets, shapes
-        or constraint types) or whose parameter groups differ raises `ConstraintError` saying
-        what differs, and changes nothing.
+        fresh parameters; the checkpoint's data then replaces theirs). Everything is validated
+        before anything is loaded (format version, types, values and shapes of the constraint
+        data, the audit, parameter groups, the shapes of constrained parameters' optimizer
+        state): a checkpoint that does not fit raises `ConstraintError` saying what is wrong,
+        and nothing changes, also under KeyboardInterrupt.
         """
         state_dict = dict(state_dict)
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             state_dict = state_dict if result is None else result
-        constraints = state_dict.pop("constraints", None)
-        self.engine.validate_state_dict(constraints)
-        check_groups(self.optimizer, state_dict)
-        self.optimizer.load_state_dict(state_dict)
-        self.engine.load_state_dict(constraints)
+        plan = self.engine.plan_load(state_dict.pop("constraints", None))
+        check_optimizer_state(self.optimizer, state_dict, self.engine.binding)
+        inner = self.optimizer
+        before = {"state": inner.state, "param_groups": inner.param_groups}
+        try:
+            with deferred_interrupts():
+                inner.load_state_dict(state_dict)
+                self.engine.commit_load(plan)
+        except BaseException:
+            inner.__setstate__(before)  # torch's load builds new objects: the old ones are intact
+            raise
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
@@ -137,17 +158,3 @@ class ConstrainedOptimizer(EngineSurface, torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return self._describe(f"ConstrainedOptimizer({self.optimizer!r}")
-
-
-def check_groups(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
-    """The checks ``Optimizer.load_state_dict`` makes, made before anything is loaded."""
-    saved = state_dict.get("param_groups")
-    if not isinstance(saved, list) or not isinstance(state_dict.get("state"), dict):
-        raise ConstraintError("the checkpoint holds no optimizer state (no 'state' and 'param_groups')")
-    here = [len(g["params"]) for g in optimizer.param_groups]
-    there = [len(g["params"]) for g in saved]
-    if here != there:
-        raise ConstraintError(
-            f"the checkpoint's parameter groups hold {there} parameters, the wrapped "
-            f"{type(optimizer).__name__}'s hold {here} (nothing was loaded)"
-        )

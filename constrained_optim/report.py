@@ -10,6 +10,7 @@ import io
 import logging
 import math
 import shutil
+import sys
 
 from rich import box
 from rich.console import Console
@@ -56,36 +57,85 @@ def _handlers(logger: logging.Logger):
 def _terminal_width(logger: logging.Logger) -> int | None:
     """A width for a rich table when every handler the record reaches writes to a terminal
     (a ``StreamHandler`` on a tty, or rich's ``RichHandler``); None when any goes elsewhere
-    (a file, pytest's capture, a socket), which gets one plain line per parameter."""
+    (a file, pytest's capture, a socket), which gets one plain line per parameter. A handler
+    that cannot say (a closed stream, an ``isatty`` that raises) counts as not a terminal."""
     handlers = [h for h in _handlers(logger) if h.level <= logging.INFO]
     if not handlers:
         return None
     width = shutil.get_terminal_size((120, 24)).columns
     for h in handlers:
-        console = getattr(h, "console", None)  # rich.logging.RichHandler
-        if isinstance(console, Console):
-            width = min(width, max(60, console.width - 40))  # its time/level/path columns
-            continue
-        stream = getattr(h, "stream", None)
-        isatty = getattr(stream, "isatty", None)
-        if not (isinstance(h, logging.StreamHandler) and callable(isatty) and isatty()):
+        try:
+            console = getattr(h, "console", None)  # rich.logging.RichHandler
+            if isinstance(console, Console):
+                width = min(width, max(60, console.width - 40))  # its time/level/path columns
+                continue
+            stream = getattr(h, "stream", None)
+            isatty = getattr(stream, "isatty", None)
+            if not (isinstance(h, logging.StreamHandler) and callable(isatty) and isatty()):
+                return None
+        except Exception:
             return None
     return width
+
+
+def _info(logger: logging.Logger, *args, **kwargs) -> None:
+    """``logger.info`` that a failing handler cannot turn into an exception in the caller (the
+    logging module's own handlers already swallow their errors; a third-party one may not)."""
+    try:
+        logger.info(*args, **kwargs)
+    except Exception:
+        _report_logging_error()
+
+
+def _report_logging_error() -> None:
+    """What `logging.Handler.handleError` does: note it on stderr while
+    ``logging.raiseExceptions`` is set, never raise."""
+    if not logging.raiseExceptions:
+        return
+    try:
+        err = sys.exc_info()[1]
+        sys.stderr.write(f"constrained_optim: the audit log failed and was skipped "
+                         f"({type(err).__name__}: {err})\n")
+    except Exception:
+        pass
 
 
 def log_step(logger: logging.Logger, step: int, records) -> None:
     """The audit of a step at INFO. Where every handler the log reaches is a terminal: one record,
     a rich table. Otherwise (files, capture, log shippers): one record per parameter, each a
     single `log_line`, so every line carries the handler's own prefix and parses alone. Each
-    log record carries the `AuditRecord` s it reports as ``record.audit``."""
-    records = list(records)
-    if not records:
+    log record carries the `AuditRecord` s it reports as ``record.audit``.
+
+    Never raises: logging must not stop training. A handler that cannot tell whether it is a
+    terminal gets the plain lines; a table that fails to render falls back to them; a handler
+    that raises is noted on stderr (as `logging.Handler.handleError` does) and skipped."""
+    try:
+        records = list(records)
+        if not records:
+            return
+        width = _terminal_width(logger)
+    except Exception:
+        _report_logging_error()
         return
-    width = _terminal_width(logger)
-    if width is None:
-        for r in records:
-            logger.info("%s", log_line(r), extra={"audit": [r]})
-        return
+    if width is not None:
+        try:
+            head, table = _table_block(step, records, width)
+        except Exception:  # rendering failed: the plain lines still say everything
+            width = None
+        else:
+            _info(logger, "%s\n%s", head, table, extra={"audit": records})
+            return
+    for r in records:
+        try:
+            line = log_line(r)
+        except Exception:
+            _report_logging_error()
+            continue
+        _info(logger, "%s", line, extra={"audit": [r]})
+
+
+def _table_block(step: int, records, width: int) -> tuple[str, str]:
+    """The heading line and the rendered table of `log_step` on a terminal."""
     measured = records[0].step
     worst = max(records, key=lambda r: (r.drift if math.isfinite(r.drift) else math.inf))
     head = f"constraint audit, step {step}"
@@ -94,7 +144,7 @@ def log_step(logger: logging.Logger, step: int, records) -> None:
     head += (f": max drift {_num(worst.drift)} ({worst.name}), "
              f"max residual {_num(max(r.residual for r in records))}")
     table = render_text(records_table(records, title=None, show_step=False), width)
-    logger.info("%s\n%s", head, table.rstrip("\n"), extra={"audit": records})
+    return head, table.rstrip("\n")
 
 
 def render_text(renderable, width: int = 120) -> str:

@@ -40,24 +40,31 @@ def state_role(key: str, value, param: torch.Tensor) -> str | None:
 LBFGS_HISTORY = ("d", "t", "old_dirs", "old_stps", "ro", "H_diag", "prev_flat_grad", "prev_loss", "al")
 
 
-def restart_history_(optimizer: torch.optim.Optimizer) -> None:
-    """Make LBFGS start its next step afresh, as on its first iteration."""
-    if not isinstance(optimizer, torch.optim.LBFGS):
-        return
-    for state in optimizer.state.values():
-        if "n_iter" in state:
-            for key in LBFGS_HISTORY:
-                state.pop(key, None)
-            state["n_iter"] = 0
+def restarted_history(optimizer: torch.optim.Optimizer, state: dict) -> dict | None:
+    """LBFGS's per-parameter state with its curvature history dropped (a new dict), so it starts
+    its next step afresh as on its first iteration; None for other optimizers."""
+    if not isinstance(optimizer, torch.optim.LBFGS) or "n_iter" not in state:
+        return None
+    fresh = {k: v for k, v in state.items() if k not in LBFGS_HISTORY}
+    fresh["n_iter"] = 0
+    return fresh
 
 
 @torch.no_grad()
-def project_state_(bound: Bound, state: dict, param: torch.Tensor) -> None:
+def projected_state(bound: Bound, state: dict, param: torch.Tensor) -> dict[str, torch.Tensor]:
+    """New tensors for the state entries the set changes, computed on copies (``state`` is not
+    touched); ``param`` is the already projected parameter (tangent spaces are taken there)."""
+    out = {}
     for key, value in state.items():
         role = state_role(key, value, param)
+        if role is None:
+            continue
+        new = value.clone()
         if role == "moment":
-            bound.project_moment_(value, param)
+            bound.project_moment_(new, param)
         elif role == "scale":
-            bound.project_scale_(value)
-        elif role == "point":
-            bound.project_point_(value)
+            bound.project_scale_(new)
+        else:
+            bound.project_point_(new)
+        out[key] = new
+    return out

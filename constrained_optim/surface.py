@@ -14,10 +14,13 @@ class EngineSurface:
     def attach(self, target, constraint: Constraint):
         """Constrain the parameters ``target`` names to ``constraint``'s set, from now on.
 
-        ``target``: a parameter name (``"layer.weight"``), a module name (its ``weight``), an
-        ``fnmatch`` glob over parameter names, a compiled regex (``fullmatch``) or an
-        ``nn.Parameter``. The parameters and the optimizer state already held for them are
-        projected at once. A second constraint on a parameter means the intersection. Raises
+        ``target``: a parameter name (``"layer.weight"``; every name of a weight-tied parameter
+        selects it, with or without a DDP/``torch.compile`` wrapper's prefix), a module name (its
+        ``weight``), an ``fnmatch`` glob over parameter names, a compiled regex (``fullmatch``),
+        a module class (the ``weight`` of every such module) or an ``nn.Parameter``. The
+        parameters and the optimizer state already held for them are projected at once. A
+        second constraint on a parameter means the intersection; the same constraint again
+        changes nothing. A collective when parameters are sharded: call it on every rank. Raises
         `ConstraintError` and changes nothing if the target matches nothing, a parameter is not
         held by the wrapped optimizer, or the constraint cannot take its shape or dtype.
         """
@@ -30,7 +33,8 @@ class EngineSurface:
         return self
 
     def project_(self) -> None:
-        """Project every constrained parameter onto its set now."""
+        """Project every constrained parameter onto its set now (a collective when parameters are
+        sharded: call it on every rank)."""
         self.engine.project_()
 
     def project_module_(self, module: nn.Module) -> None:
@@ -48,7 +52,8 @@ class EngineSurface:
         """Raise `ConstraintViolation` naming every parameter off its set, with its distance.
 
         The default ``atol`` is a few float eps relative to each parameter's scale (its norm,
-        times the square root of the smaller side of its matrix view)."""
+        times the square root of the smaller side of its matrix view). A collective when
+        parameters are sharded: call it on every rank."""
         self.engine.check(atol)
 
     @property

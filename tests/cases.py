@@ -102,10 +102,10 @@ LINEAR_CASES = [
          lambda x: _sym_violation(x, (0, 1), (2, 3)), exact=True, linear=True, convex=True,
          feasible=lambda g, s, d: _plus(torch.randn(s, generator=g, dtype=d), lambda a: a.transpose(0, 1).flip(2, 3))),
     Case("Invariant-rotations", lambda: co.Invariant.rotations(), (2, 3, 3), _rot_violation,
-         linear=True, convex=True,
+         exact=True, linear=True, convex=True,
          feasible=lambda g, s, d: sum(torch.rot90(a, k, (-2, -1)) for a in [torch.randn(s, generator=g, dtype=d)] for k in range(4))),
     Case("Invariant-signed", lambda: co.Invariant(_sign_flip_group()), (2, 5),
-         lambda x: _max(x + x.flip(-1)), linear=True, convex=True,
+         lambda x: _max(x + x.flip(-1)), exact=True, linear=True, convex=True,
          feasible=lambda g, s, d: _plus(torch.randn(s, generator=g, dtype=d), lambda a: -a.flip(-1))),
     Case("Invariant-callables", lambda: co.Invariant([lambda x: x, lambda x: x @ REFLECT_60.to(x)]),
          (3, 2), lambda x: _max(x - x @ REFLECT_60.to(x)), linear=True, convex=True,
@@ -124,6 +124,9 @@ REFLECT_60 = torch.tensor([[0.5, 3**0.5 / 2], [3**0.5 / 2, -0.5]], dtype=torch.f
 
 # the non-linear sets (Box, norm balls, simplex, manifolds, sparsity, custom and composite) -----
 BOX_HIGH = torch.tensor([0.5, 1.0, 2.0, 0.0])
+INF = float("inf")
+OPEN_LOW = torch.tensor([[-INF, -1.0, 0.0, -INF]])  # infinite entries: no bound there
+OPEN_HIGH = torch.tensor([INF, 1.0, INF, 0.5])
 NONLINEAR_MASK = torch.tensor([[[True, False], [True, True]], [[False, True], [True, True]],
                                [[True, True], [True, True]]])  # not constant on TIED_LABELS groups
 HALFSPACE_A = torch.tensor([[1.0, -2.0, 0.5], [0.0, 1.0, 1.0]])
@@ -264,6 +267,9 @@ NONLINEAR_CASES: list[Case] = [
     Case("Box", lambda: co.Box(-0.5, BOX_HIGH), (3, 4),
          lambda x: max(_relu_max(-0.5 - x), _relu_max(x - BOX_HIGH.to(x))), exact=True, convex=True,
          feasible=lambda g, s, d: _uniform(g, s, d, -0.5, BOX_HIGH.to(d))),
+    Case("Box-infinite-entries", lambda: co.Box(OPEN_LOW, OPEN_HIGH), (3, 4),
+         lambda x: max(_relu_max(OPEN_LOW.to(x) - x), _relu_max(x - OPEN_HIGH.to(x))), exact=True, convex=True,
+         feasible=lambda g, s, d: (torch.randn(s, generator=g, dtype=d) * 3).clamp(OPEN_LOW.to(d), OPEN_HIGH.to(d))),
     Case("NonNegative", lambda: co.NonNegative(), (2, 3, 3), lambda x: _relu_max(-x), exact=True, convex=True,
          feasible=lambda g, s, d: torch.rand(s, generator=g, dtype=d)),
     Case("NormBall-2", lambda: co.NormBall(2.0), (3, 4), lambda x: _ball_violation(x, 2.0, 2), convex=True,

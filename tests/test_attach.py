@@ -54,6 +54,16 @@ def setup():
     return model, inner, opt
 
 
+@pytest.fixture
+def plain():
+    """A warm optimizer no engine has taken yet (one engine per optimizer)."""
+    torch.manual_seed(0)
+    model = Net()
+    inner = torch.optim.Adam(model.parameters(), lr=0.1)
+    warm(model, inner)
+    return model, inner
+
+
 def bound_names(opt):
     return sorted(b.name for b in opt.engine.bounds.values())
 
@@ -82,16 +92,16 @@ def test_regex_is_matched_against_the_whole_name(setup):
         opt.attach(re.compile(r"weight"), co.Fixed((..., 0)))
 
 
-def test_constraints_argument_is_attach_for_each(setup):
-    model, inner, _ = setup
+def test_constraints_argument_is_attach_for_each(plain):
+    model, inner = plain
     opt = co.ConstrainedOptimizer(inner, model, {"head": co.Mask(torch.ones(2, 4, dtype=torch.bool))})
     assert bound_names(opt) == ["head.weight"]
 
 
 @pytest.mark.parametrize("how", ["wrapper", "constrain"])
-def test_constraints_argument_is_all_or_nothing(setup, how):
+def test_constraints_argument_is_all_or_nothing(plain, how):
     """One unfit entry in ``constraints`` leaves the others unattached and every tensor as it was."""
-    model, inner, _ = setup
+    model, inner = plain
     snap = snapshot(model, inner)
     constraints = {"features.0.weight": co.Fixed((..., 1, 1)), "head.weight": co.Symmetric()}
     with pytest.raises(co.ConstraintError, match=r"head\.weight \(shape \(2, 4\)"):
@@ -100,7 +110,8 @@ def test_constraints_argument_is_all_or_nothing(setup, how):
         else:
             co.constrain(inner, model, constraints)
     assert_unchanged(model, inner, snap)
-    assert not inner._optimizer_step_pre_hooks
+    assert not inner._optimizer_step_pre_hooks and not inner._optimizer_step_post_hooks
+    assert "step" not in vars(inner)  # no step wrapper installed
 
 
 def test_unknown_target_names_the_closest_parameters(setup):

@@ -80,7 +80,7 @@ def test_the_engine_groups_boxes_into_one_foreach_call():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     opt = co.ConstrainedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model)
     opt.attach("*.weight", co.Box(-0.1, 0.1)).attach("0.bias", co.NonNegative())
-    kinds = [kind for kind, _, _ in opt.engine._groups]
+    kinds = [group.kind for group in opt.engine.binding.groups]
     assert kinds == [BoxBound]
     for p in model.parameters():
         p.grad = torch.randn_like(p)

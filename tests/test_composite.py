@@ -75,7 +75,7 @@ def held_rows(held: np.ndarray):
 def test_two_masks_are_one_exact_pass():
     a, b = torch.rand(4, 5) > 0.3, torch.rand(4, 5) > 0.3
     bound = bound_of(co.Mask(a) & co.Mask(b), (4, 5), torch.float32)
-    assert bound.exact and len(bound.blocks) == 1 and isinstance(bound.blocks[0], InTurn)
+    assert bound.traits.exact and len(bound.blocks) == 1 and isinstance(bound.blocks[0], InTurn)
     x = torch.randn(4, 5)
     assert torch.equal(projected(bound, x), x * (a & b))
     g = torch.randn(4, 5)
@@ -89,7 +89,7 @@ def test_mask_and_box_are_one_exact_pass_in_either_order():
     expected = x.clamp(-1.0, 0.5) * mask
     for c in (co.Mask(mask) & co.Box(-1.0, 0.5), co.Box(-1.0, 0.5) & co.Mask(mask)):
         bound = bound_of(c, (3, 6), torch.float32)
-        assert bound.exact
+        assert bound.traits.exact and bound.traits.elementwise
         assert torch.equal(projected(bound, x), expected)
 
 
@@ -99,7 +99,7 @@ def test_commuting_linear_sets_are_one_exact_pass():
     basis = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     held = torch.tensor([False, False, True])
     bound = bound_of(co.Subspace(basis) & co.Fixed(held, 0.0), (4, 3))
-    assert bound.exact and isinstance(bound.tangent, InTurn)
+    assert bound.one_pass and isinstance(bound.tangent, InTurn)
     x = torch.randn(4, 3, dtype=torch.float64)
     expected = torch.stack([(x[:, 0] + x[:, 1]) / 2, (x[:, 0] + x[:, 1]) / 2, torch.zeros(4, dtype=x.dtype)], 1)
     torch.testing.assert_close(projected(bound, x), expected, rtol=0, atol=1e-14)
@@ -133,7 +133,8 @@ def linear_cases():
 def test_non_commuting_linear_sets_project_exactly_onto_the_intersection(name, a, b, shape, kind, rows):
     """Set and gradient projections equal the null-space projector of the stacked constraints."""
     bound = bound_of(a & b, shape)
-    assert isinstance(bound.tangent, kind) and bound.exact
+    assert isinstance(bound.tangent, kind) and bound.one_pass
+    assert bound.traits.exact == (kind is Joined)  # bitwise only where entries are held and tied
     n = int(np.prod(shape))
     reference = null_space_projector(rows, n)
     gen = torch.Generator().manual_seed(0)
@@ -223,7 +224,7 @@ def test_dykstra_finds_the_nearest_point_of_a_ball_and_a_halfspace():
         return x + a * (1 - (a * x).sum()).clamp(min=0) / (a * a).sum()
 
     bound = bound_of(co.NormBall(1.0) & co.Projection(halfspace), (4,))
-    assert not bound.exact
+    assert not bound.one_pass and not bound.traits.exact
     for x in ([0.0, -2.0, 1.0, 0.0], [2.0, -1.0, 0.5, 1.0]):
         x = torch.tensor(x, dtype=torch.float64)
         y = projected(bound, x)
@@ -257,7 +258,7 @@ def test_attaching_two_constraints_gives_their_intersection():
     mask = torch.rand(4, 6) > 0.4
     opt.attach("weight", co.Mask(mask)).attach("weight", co.Box(-0.05, 0.05))
     bound = opt.engine.bounds[model.weight]
-    assert isinstance(bound, IntersectionBound) and bound.exact
+    assert isinstance(bound, IntersectionBound) and bound.traits.exact
     assert "&" in repr(bound.constraint)
     x = torch.randn(8, 6)
     for _ in range(4):
@@ -315,9 +316,13 @@ def test_intersection_state_round_trips_and_rebuilds_its_plan():
     shape = (3, 2, 2)
     b1 = bound_of(co.Mask(MASK) & co.Tied(TIED), shape)
     b2 = bound_of(co.Mask(torch.ones(3, 2, 2, dtype=torch.bool)) & co.Tied(TIED), shape)
-    b2.load_state_tensors({k: v.clone() for k, v in b1.state_tensors().items()})
+    b3 = b2.with_state({k: v.clone() for k, v in b1.state_tensors().items()})
     x = torch.randn(shape, dtype=torch.float64)
-    torch.testing.assert_close(projected(b2, x), projected(b1, x), rtol=0, atol=1e-14)
+    torch.testing.assert_close(projected(b3, x), projected(b1, x), rtol=0, atol=1e-14)
+    assert not torch.equal(projected(b2, x), projected(b1, x))  # b2 itself is as it was
+    bad = {k: v.clone() for k, v in b1.state_tensors().items()}
+    bad["0.keep"].view(-1)[0] = 3
+    assert b1.check_state(bad) == (False, "0 (Mask(10/12 free)): keep must hold only 0 and 1")
 
 
 # -- construction ------------------------------------------------------------------------------------------

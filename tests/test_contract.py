@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
+import constrained_optim as co
 from cases import CASES, Case
+from constrained_optim.constraints.base import Bound
 
 DTYPES = [torch.float32, torch.float64]
 IDS = [c.id for c in CASES]
@@ -169,12 +172,167 @@ def test_second_moment_state_stays_non_negative(case):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_constraint_data_round_trips(case):
+    """A bound's data is accepted by a bound of the same constraint, which then projects alike."""
     b1, _ = bound_for(case, torch.float32)
     b2, _ = bound_for(case, torch.float32)
     data = {k: v.clone() for k, v in b1.state_tensors().items()}
-    b2.load_state_tensors(data)
-    for k, v in b2.state_tensors().items():
+    assert b2.check_state(data) == (True, "")
+    b3 = b2.with_state(data)
+    assert type(b3) is type(b2) and set(b3.state_tensors()) == set(data)
+    for k, v in b3.state_tensors().items():
         assert torch.equal(v, data[k])
+    # keys are attribute names, unless the family maps them itself ("index0" of Fixed's index
+    # tuple; an intersection's "0.keep")
+    if type(b1)._adopt is Bound._adopt and type(b1).with_state is Bound.with_state:
+        assert all(hasattr(b1, key) for key in data)
+    x = random_points(case, torch.float32, 1, seed=10)[0]
+    assert torch.equal(projected(b3, x), projected(b1, x))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_with_state_builds_a_new_bound_and_changes_nothing_else(case):
+    bound, _ = bound_for(case, torch.float32)
+    before = {k: v.clone() for k, v in bound.state_tensors().items()}
+    data = {k: v.clone(memory_format=torch.contiguous_format) for k, v in before.items()}
+    new = bound.with_state(data)
+    assert new is not bound
+    for v in data.values():  # the new bound holds copies: later changes to the data do not reach it
+        if v.numel():
+            v.view(-1)[0] = 1 - v.view(-1)[0]
+    for k, v in bound.state_tensors().items():
+        assert torch.equal(v, before[k])
+    for k, v in new.state_tensors().items():
+        assert torch.equal(v, before[k])
+
+
+def _corrupt(key: str, value: torch.Tensor, bound) -> torch.Tensor | None:
+    """A value of the right shape and dtype that the family must refuse (None: no such check)."""
+    bad = value.clone(memory_format=torch.contiguous_format)
+    flat = bad.view(-1)
+    if not flat.numel():
+        return None
+    name = key.rsplit(".", 1)[-1]
+    if name == "keep":
+        flat[0] = 2
+    elif name == "group_ids":
+        flat[0] = flat.numel()  # out of [0, n)
+    elif name == "weights":
+        flat[0] = 0.5
+    elif name.startswith("index"):
+        flat[0] = 10**6  # past the end of any dim here
+    elif name == "basis":
+        bad *= 2  # not orthonormal
+    elif name == "offset":
+        basis = bound.state_tensors()[key.replace("offset", "basis")]
+        bad += basis[:, 0].expand_as(bad.reshape(-1, basis.shape[0])).reshape(bad.shape)
+    elif name == "low":
+        bad.fill_(1e6)  # above any high
+    elif name == "high":
+        bad.fill_(-1e6)
+    else:
+        return None
+    return bad
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_bad_constraint_data_is_refused_with_a_reason(case):
+    bound, _ = bound_for(case, torch.float32)
+    good = {k: v.clone() for k, v in bound.state_tensors().items()}
+    for key, value in good.items():
+        bad_values = [_corrupt(key, value, bound)]
+        if value.is_floating_point() and value.numel():
+            nan = value.clone()
+            nan.view(-1)[0] = float("nan")
+            bad_values.append(nan)
+        for bad in (b for b in bad_values if b is not None):
+            ok, reason = bound.check_state({**good, key: bad})
+            assert not ok and reason, (key, bad)
+            with pytest.raises(co.ConstraintError, match="p: "):
+                bound.with_state({**good, key: bad})
+    ok, reason = bound.check_state({**good, "extra": torch.zeros(1)})
+    assert not ok and "expected" in reason
+    assert all(torch.equal(v, good[k]) for k, v in bound.state_tensors().items())
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_equal_constraints_built_twice_are_the_same(case):
+    assert case.make().same_as(case.make())
+
+
+def test_every_exported_family_has_a_case():
+    families = {obj for name in co.__all__ if isinstance(obj := getattr(co, name), type)
+                and issubclass(obj, co.Constraint) and obj is not co.Constraint}
+    covered = set()
+    for case in CASES:
+        c = case.make()
+        covered.add(type(c))
+        if isinstance(c, co.Intersection):
+            covered |= {type(m) for m in c.constraints}
+    assert families <= covered, f"no case for {sorted(f.__name__ for f in families - covered)}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_traits_agree_with_the_case(case):
+    bound, _ = bound_for(case, torch.float32)
+    traits = bound.traits
+    if isinstance(case.make(), co.Projection):  # a user's set is opaque: its bound claims nothing
+        assert not (traits.linear or traits.convex or traits.exact)
+        return
+    assert traits.linear == case.linear
+    assert traits.exact == case.exact
+    assert traits.convex == case.convex
+    assert bound.linear == traits.linear
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_elementwise_bounds_project_each_entry_on_its_own(case):
+    """Brute force: entry i of P(x) depends on x_i alone, whatever the other entries hold."""
+    bound, _ = bound_for(case, torch.float64)
+    if not bound.traits.elementwise:
+        pytest.skip("not element-wise")
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(case.shape, generator=gen, dtype=torch.float64) * 3
+    y = projected(bound, x)
+    for i in range(x.numel()):
+        z = torch.randn(case.shape, generator=gen, dtype=torch.float64) * 3
+        z.view(-1)[i] = x.view(-1)[i]
+        assert projected(bound, z).view(-1)[i] == y.view(-1)[i]
+
+
+class CountWrites(TorchFunctionMode):
+    """Counts the in-place writes into one tensor's memory (the target of an in-place method or
+    function, of ``__setitem__``, or an ``out=``)."""
+
+    INPLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__"}
+
+    def __init__(self, target: torch.Tensor):
+        super().__init__()
+        self.storage = target.untyped_storage().data_ptr()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        targets = [kwargs.get("out")]
+        if (name.endswith("_") and not name.startswith("__")) or name in self.INPLACE_DUNDERS:
+            targets.append(args[0] if args else None)
+        self.count += sum(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == self.storage
+                          for t in targets)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_projections_write_their_tensor_once(case):
+    """Computed first, stored with one in-place op: an exception between ops (a Ctrl-C) leaves the
+    tensor as it was or projected, never half-written. Gradients alike."""
+    bound, _ = bound_for(case, torch.float32)
+    x, g = random_points(case, torch.float32, 2, seed=12)
+    with torch.no_grad(), CountWrites(x) as writes:
+        bound.project_(x)
+    assert writes.count == 1
+    with torch.no_grad(), CountWrites(g) as writes:
+        bound.project_grad_(g, x)
+    assert writes.count == (1 if bound.traits.projects_grad else 0)
 
 
 LEADING = {"Mask", "Tied", "Subspace", "Affine", "Fixed-index", "Invariant-callables"}

@@ -3,6 +3,8 @@ The same engine does the work, so it gives the wrapper's parameters and audit bi
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from torch import nn
@@ -135,8 +137,9 @@ def test_handle_checkpoint_resumes_bitwise(tmp_path):
 def test_constrain_refuses_a_wrapper_and_a_failed_attach_installs_nothing():
     model = make_model()
     inner = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(co.ConstraintError, match="already a ConstrainedOptimizer"):
+    with pytest.raises(co.ConstraintError, match="already constrained"):
         co.constrain(co.ConstrainedOptimizer(inner, model), model)
     with pytest.raises(co.ConstraintError, match="2.weight"):
         co.constrain(inner, model, {"2.weight": co.Symmetric()})  # (3, 4) is not square
+    gc.collect()  # the refused wrapper's engine, and with it its step hook
     assert not inner._optimizer_step_pre_hooks and not inner._optimizer_step_post_hooks

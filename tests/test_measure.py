@@ -2,8 +2,8 @@
 
 Covers each path a tensor can take: large CPU tensors reduced one at a time through the reused
 scratch buffer, small ones in foreach batches, empty ones, half precision; direct gap forms
-(`Mask`, `Fixed`), the change-the-projection-makes form (`Tied`, `Symmetric`), and the default
-``gap_entries`` writing into the scratch.
+(`Mask`, `Fixed`) and the change-the-projection-makes form (`Tied`, `Symmetric`), as the step's
+`AuditWatch` reads them around the one projection.
 """
 
 from __future__ import annotations
@@ -17,9 +17,36 @@ import torch
 from torch import nn
 
 import constrained_optim as co
-from constrained_optim.audit.measure import (STREAM_NUMEL, Scratch, all_finite, fetch, has_direct_gap,
-                                             has_direct_grad_gap, norms, project_grads_measured_,
-                                             project_measured_, residuals)
+from constrained_optim.audit.measure import STREAM_NUMEL, Scratch, all_finite, fetch, norms
+from constrained_optim.audit.watch import AuditWatch
+from constrained_optim.binding import Group
+
+
+def project_measured_(kind, bounds, xs, scratch):
+    """The engine's parameter projection under an `AuditWatch`: ``(drift, drift_max)``."""
+    watch = AuditWatch(scratch)
+    group = Group(kind, bounds, xs, bounds[0].traits.projects_grad, xs[0].device, xs[0].dtype)
+    token = watch.before_params(group)
+    kind.project_all_(bounds, xs)
+    watch.after_params(group, token)
+    project_measured_.last = watch
+    return watch._drift, watch._drift_max
+
+
+def residuals(bounds, xs):
+    """``(residual, ||x||)`` the watch read after the last `project_measured_`."""
+    watch = project_measured_.last
+    return watch._residual, watch._norms
+
+
+def project_grads_measured_(kind, bounds, gs, xs, scratch):
+    """The engine's gradient projection under an `AuditWatch`: ``(removed, total)``."""
+    watch = AuditWatch(scratch)
+    token = watch.before_grads(bounds, gs, xs)
+    kind.project_grad_all_(bounds, gs, xs)
+    watch.after_grads(bounds, gs, token)
+    pairs = [watch._blocked[id(b)] for b in bounds]
+    return [r for r, _ in pairs], [t for _, t in pairs]
 
 BIG = (300, 300)  # 90,000 entries: above STREAM_NUMEL, through the scratch buffer
 assert BIG[0] * BIG[1] >= STREAM_NUMEL
@@ -70,7 +97,7 @@ def test_direct_gap_drift_through_the_scratch_matches_numpy_and_projects_as_usua
     expected_after = [x * keep for x in xs]
     bounds = [bind(co.Mask(keep), x) for x in xs]
     kind = type(bounds[0])
-    assert has_direct_gap(kind) and has_direct_grad_gap(kind)
+    assert bounds[0].traits.cheap_gap and bounds[0].traits.cheap_grad_gap
     drift, drift_max = project_measured_(kind, bounds, xs, Scratch())
     for x, expected in zip(xs, expected_after):
         assert torch.equal(x, expected)  # the projection ran exactly as it does unaudited
@@ -79,7 +106,7 @@ def test_direct_gap_drift_through_the_scratch_matches_numpy_and_projects_as_usua
         held = np64(x)[~keep.numpy()]
         assert float(d) == pytest.approx(np.linalg.norm(held), rel=1e-5)
         assert float(m) == pytest.approx(np.abs(held).max(), rel=1e-6)
-    r, n = residuals(bounds, xs, Scratch())
+    r, n = residuals(bounds, xs)
     assert [float(v) for v in r] == [0.0] * 3
     assert [float(v) for v in n] == pytest.approx([np.linalg.norm(np64(x)) for x in xs], rel=1e-5)
 
@@ -112,7 +139,7 @@ def test_drift_and_residual_of_families_without_a_gap_form(make):
         gap = np64(x0) - np64(ref)
         assert float(d) == pytest.approx(np.linalg.norm(gap), rel=1e-5)
         assert float(m) == pytest.approx(np.abs(gap).max(), rel=1e-5)
-    r, _ = residuals(bounds, xs, Scratch())  # default gap_entries, written into the scratch
+    r, _ = residuals(bounds, xs)
     assert all(0 <= float(v) <= 1e-6 * float(x.norm()) for v, x in zip(r, xs))
 
 

@@ -135,6 +135,89 @@ def test_log_is_a_table_on_a_terminal_and_lines_in_a_file(tmp_path):
     assert [parse_line(line)["param"] for line in lines] == list(NAMES) * 2
 
 
+# -- logging never breaks training -----------------------------------------------------------------
+RECORDS = [AuditRecord(3, "a.weight", "Mask(1/2 free)", 0.0, 0.0, 0.0, 0.5),
+           AuditRecord(3, "b.weight", "MaxNorm(1)", 0.125, 0.0625, 0.0, math.nan)]
+
+
+class BrokenTty(io.StringIO):
+    def isatty(self):
+        raise OSError("the terminal went away")
+
+
+class RaisingHandler(logging.Handler):
+    """A third-party handler that lets its errors out of ``emit``."""
+
+    def emit(self, record):
+        raise RuntimeError("log shipper down")
+
+
+@pytest.fixture
+def library_logger():
+    """The library's own logger at INFO, its handlers restored afterwards."""
+    logger = logging.getLogger("constrained_optim")
+    handlers, level = list(logger.handlers), logger.level
+    logger.setLevel(logging.INFO)
+    yield logger
+    for h in [h for h in logger.handlers if h not in handlers]:
+        logger.removeHandler(h)
+    logger.setLevel(level)
+
+
+def test_a_closed_stream_does_not_break_logging(library_logger, capsys):
+    closed, good = io.StringIO(), io.StringIO()
+    closed.close()
+    library_logger.addHandler(logging.StreamHandler(closed))
+    library_logger.addHandler(logging.StreamHandler(good))
+    report.log_step(library_logger, 3, RECORDS)  # does not raise
+    lines = good.getvalue().splitlines()
+    assert [parse_line(line)["param"] for line in lines] == ["a.weight", "b.weight"]
+    assert parse_line(lines[1])["drift"] == "0.125"
+    capsys.readouterr()  # logging's own note of the closed stream (Handler.handleError)
+
+
+def test_a_closed_stream_does_not_break_a_training_step(library_logger, capsys):
+    closed = io.StringIO()
+    closed.close()
+    library_logger.addHandler(logging.StreamHandler(closed))
+    _, opt = trained(steps=3, log_every=1)  # each step logs to the closed stream
+    assert opt.steps_taken == 3
+    capsys.readouterr()
+
+
+def test_a_handler_whose_isatty_raises_gets_plain_lines():
+    tty, broken = TtyStream(), BrokenTty()
+    logger = terminal_logger(broken, tty)
+    report.log_step(logger, 3, RECORDS)  # cannot tell it is a terminal: plain lines to both
+    for stream in (broken, tty):
+        assert [parse_line(line)["param"] for line in stream.getvalue().splitlines()] == [
+            "a.weight", "b.weight"]
+    alone = BrokenTty()
+    report.log_step(terminal_logger(alone), 3, RECORDS)
+    assert len(alone.getvalue().splitlines()) == 2
+
+
+def test_a_table_that_fails_to_render_falls_back_to_lines(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("rich broke")
+
+    monkeypatch.setattr(report, "render_text", broken)
+    tty = TtyStream()
+    report.log_step(terminal_logger(tty), 3, RECORDS)
+    assert [parse_line(line)["param"] for line in tty.getvalue().splitlines()] == ["a.weight", "b.weight"]
+
+
+def test_a_handler_that_raises_is_noted_and_skipped(capsys):
+    good = io.StringIO()
+    logger = terminal_logger(good, RaisingHandler())
+    report.log_step(logger, 3, RECORDS)
+    assert len(good.getvalue().splitlines()) == 2  # it got each record before the raising one
+    assert "audit log failed" in capsys.readouterr().err
+    tty = TtyStream()
+    report.log_step(terminal_logger(tty, RaisingHandler()), 3, RECORDS)  # no terminal-only set
+    assert len(tty.getvalue().splitlines()) == 2
+
+
 # -- tables -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("width", [80, 140])
 def test_print_and_summary_show_every_parameter_and_its_numbers(width):
@@ -237,6 +320,96 @@ def test_python_dash_m_entry_point(tmp_path):
                            "report", str(path)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "mixer.weight" in done.stdout and done.stderr == ""
+
+
+GOOD = {"step": 1, "name": "w", "constraint": "Mask(1/2 free)", "drift": 0.5, "drift_max": None,
+        "residual": "inf", "grad_blocked": 0}
+MALFORMED = {  # name: (the bad line, what the error says)
+    "string step": (json.dumps({**GOOD, "step": "x"}), 'step must be an integer >= 0, got "x"'),
+    "negative step": (json.dumps({**GOOD, "step": -1}), "step must be an integer >= 0, got -1"),
+    "boolean step": (json.dumps({**GOOD, "step": True}), "step must be an integer >= 0, got true"),
+    "deep nesting": ('{"step": 1, "name": ' + "[" * 200_000 + "]" * 200_000 + "}", "nested too deeply"),
+    "array": ("[1, 2, 3]", "expected a JSON object, got an array"),
+    "number": ("17", "expected a JSON object, got a number"),
+    "missing fields": ('{"step": 1, "name": "w"}',
+                       "missing constraint, drift, drift_max, residual, grad_blocked"),
+    "unknown field": (json.dumps({**GOOD, "extra": 1}), "unknown field 'extra'"),
+    "name not a string": (json.dumps({**GOOD, "name": 3}), "name must be a string, got 3"),
+    "measure a string": (json.dumps({**GOOD, "drift": "big"}),
+                         'drift must be a number, null, "inf" or "-inf", got "big"'),
+    "measure out of range": (json.dumps(GOOD).replace('"drift": 0.5', '"drift": ' + "9" * 400),
+                             "drift is out of range"),
+    "not JSON": ('{"step": 1,', "not JSON"),
+}
+
+
+def write_run(tmp_path, bad_line: bytes | str, name="run.jsonl"):
+    """A file whose first and third lines are good records and whose second is ``bad_line``."""
+    path = tmp_path / name
+    bad = bad_line.encode() if isinstance(bad_line, str) else bad_line
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + bad + b"\n\n" + json.dumps(GOOD).encode() + b"\n")
+    return path
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "constrained_optim.audit", "report", *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def assert_one_error_line(done, *expected):
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    for text in expected:
+        assert text in lines[0], (text, lines[0])
+
+
+@pytest.mark.parametrize("kind", list(MALFORMED))
+def test_read_jsonl_names_the_line_and_what_is_wrong(tmp_path, kind):
+    line, what = MALFORMED[kind]
+    path = write_run(tmp_path, line)
+    with pytest.raises(ValueError) as err:
+        read_jsonl(path)
+    assert str(err.value).startswith(f"{path}:2: ") and what in str(err.value)
+
+
+def test_read_jsonl_takes_what_to_jsonl_writes_and_standard_json_numbers(tmp_path):
+    path = tmp_path / "ok.jsonl"
+    path.write_text("\ufeff" + json.dumps(GOOD) + "\n\n" + json.dumps({**GOOD, "residual": "-inf", "step": 2})
+                    + "\n" + json.dumps({**GOOD, "drift": math.inf}) + "\n", encoding="utf-8")
+    a, b, c = read_jsonl(path)
+    assert (a.step, a.name, a.drift, a.residual, a.grad_blocked) == (1, "w", 0.5, math.inf, 0.0)
+    assert math.isnan(a.drift_max) and b.residual == -math.inf and c.drift == math.inf
+    assert isinstance(a.grad_blocked, float)
+    with pytest.raises(TypeError, match="AuditRecords"):
+        Audit.from_records([GOOD])
+
+
+@pytest.mark.parametrize("kind", ["string step", "deep nesting", "array", "missing fields",
+                                  "measure a string", "not JSON"])
+def test_cli_report_on_a_malformed_record_prints_one_error_line(tmp_path, kind):
+    line, what = MALFORMED[kind]
+    path = write_run(tmp_path, line)
+    assert_one_error_line(run_cli(path), f"{path}:2:", what)
+
+
+def test_cli_report_on_a_file_that_is_not_utf8(tmp_path):
+    path = write_run(tmp_path, b'{"step": 1, "name": "\xff\xfe"}')
+    assert_one_error_line(run_cli(path), f"{path}:2:", "not UTF-8", "0xff")
+
+
+def test_cli_report_on_a_missing_file_or_a_directory(tmp_path):
+    assert_one_error_line(run_cli(tmp_path / "missing.jsonl"), "missing.jsonl", "No such file")
+    assert cli_main(["report", str(tmp_path)]) == 2  # a directory: in-process, same path
+
+
+def test_cli_report_in_process_errors_are_one_line(tmp_path, capsys):
+    for kind, (line, what) in MALFORMED.items():
+        path = write_run(tmp_path, line, name=f"{len(kind)}.jsonl")
+        assert cli_main(["report", str(path)]) == 2, kind
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: {path}:2: ") and what in err, kind
 
 
 def test_only_report_imports_rich():

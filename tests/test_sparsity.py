@@ -92,7 +92,7 @@ def test_fixed_pattern_is_saved_with_the_optimizer_and_restored():
     b = torch.nn.Parameter(torch.randn(4, 8))  # different values: a different pattern at attach
     bound_b = co.NMSparsity(2, 4).bind(b, "b")
     assert not torch.equal(bound_b.state_tensors()["keep"], keep)
-    bound_b.load_state_tensors({"keep": keep})
+    bound_b = bound_b.with_state({"keep": keep})
     y = torch.randn(4, 8)
     with torch.no_grad():
         bound_b.project_(y)

@@ -196,6 +196,9 @@ class Audit:
     def from_records(cls, records, max_history: int | None = None) -> Audit:
         """An `Audit` holding ``records`` (summaries rebuilt from them), e.g. a saved run's."""
         records = list(records)
+        strangers = {type(r).__name__ for r in records if not isinstance(r, AuditRecord)}
+        if strangers:
+            raise TypeError(f"from_records takes AuditRecords, got {', '.join(sorted(strangers))}")
         audit = cls(max(len(records), 1) if max_history is None else max_history)
         for r in records:
             audit._records.append(r)
@@ -258,17 +261,78 @@ _FLOATS = ("drift", "drift_max", "residual", "grad_blocked")
 
 
 def read_jsonl(path) -> list[AuditRecord]:
-    """The records `Audit.to_jsonl` wrote."""
+    """The records `Audit.to_jsonl` wrote, validated: one JSON object per line with ``step`` (an
+    int >= 0), ``name`` and ``constraint`` (strings) and the four measures (numbers; ``null`` is
+    nan, ``"inf"`` / ``"-inf"`` the infinities). Blank lines are skipped. Anything else raises
+    `ValueError` naming ``path:line`` and what is wrong (`OSError` if the file cannot be read)."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[err.start]:02x} at "
+                                 f"column {err.start + 1})") from None
             if not line.strip():
                 continue
             try:
-                d = json.loads(line)
-                for k in _FLOATS:
-                    d[k] = math.nan if d[k] is None else float(d[k])
-                records.append(AuditRecord(**d))
-            except (ValueError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{n}: not an audit record ({err})") from None
+                records.append(_record(_json(line)))
+            except ValueError as err:
+                raise ValueError(f"{path}:{n}: {err}") from None
     return records
+
+
+_FIELDS = ("step", "name", "constraint", *_FLOATS)
+
+
+def _json(line: str):
+    try:
+        return json.loads(line)
+    except RecursionError:
+        raise ValueError("not an audit record (JSON nested too deeply)") from None
+    except ValueError as err:
+        raise ValueError(f"not JSON ({err})") from None
+
+
+def _record(d) -> AuditRecord:
+    """An `AuditRecord` from one decoded line; `ValueError` saying what is wrong."""
+    if not isinstance(d, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+            type(d), "a number")
+        raise ValueError(f"not an audit record (expected a JSON object, got {kind})")
+    missing = [k for k in _FIELDS if k not in d]
+    unknown = [k for k in d if k not in _FIELDS]
+    if missing or unknown:
+        what = [f"missing {', '.join(missing)}"] if missing else []
+        what += [f"unknown field {', '.join(map(repr, unknown))}"] if unknown else []
+        raise ValueError(f"not an audit record ({'; '.join(what)})")
+    step = d["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"step must be an integer >= 0, got {_show(step)}")
+    for k in ("name", "constraint"):
+        if not isinstance(d[k], str):
+            raise ValueError(f"{k} must be a string, got {_show(d[k])}")
+    values = [_measure(k, d[k]) for k in _FLOATS]
+    return AuditRecord(step, d["name"], d["constraint"], *values)
+
+
+def _measure(key: str, v) -> float:
+    if v is None:
+        return math.nan
+    if isinstance(v, str) and v in ("inf", "-inf"):
+        return float(v)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        try:
+            return float(v)
+        except OverflowError:
+            raise ValueError(f"{key} is out of range for a float: {_show(v)}") from None
+    raise ValueError(f'{key} must be a number, null, "inf" or "-inf", got {_show(v)}')
+
+
+def _show(v) -> str:
+    """A short rendering of a JSON value for an error message."""
+    try:
+        text = json.dumps(v) if not isinstance(v, int) or isinstance(v, bool) else str(v)
+    except (ValueError, RecursionError):
+        text = type(v).__name__
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -14,6 +14,20 @@ import sys
 from . import Audit
 
 
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return n
+
+
+def _one_line(text) -> str:
+    return str(text).replace("\r", " ").replace("\n", " ")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m constrained_optim.audit",
                                      description="Inspect a saved constraint audit.")
@@ -21,7 +35,7 @@ def main(argv=None) -> int:
     report = commands.add_parser("report", help="summary table (and plot) of an audit.jsonl")
     report.add_argument("path", help="a file written by opt.audit.to_jsonl(path)")
     report.add_argument("--plot", metavar="PNG", help="write drift and residual over steps to PNG")
-    report.add_argument("--records", type=int, default=0, metavar="N",
+    report.add_argument("--records", type=_count, default=0, metavar="N",
                         help="also print the last N records")
     args = parser.parse_args(argv)
 
@@ -29,8 +43,11 @@ def main(argv=None) -> int:
 
     try:
         audit = Audit.from_jsonl(args.path)
-    except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except OSError as err:  # missing, a directory, unreadable
+        print(f"error: {_one_line(args.path)}: {_one_line(err.strerror or err)}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # read_jsonl names path:line and what is wrong
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     steps = sorted({r.step for r in audit.history})
     span = f"steps {steps[0]}..{steps[-1]}, " if steps else ""

@@ -1,36 +1,20 @@
 """Measuring a step on the real tensors, with one host sync per audited step.
 
-For every constrained parameter an audited step reads:
-
-- before the gradient projection: ``||g||`` and ``||g - P_T(g)||`` (``grad_blocked`` is their ratio);
-- after the wrapped step, before projection: ``||x - P(x)||`` and ``max |x - P(x)|`` (``drift``);
-- after projection: ``||x||`` (the non-finite check and the scale of the default tolerance) and
-  the distance of ``P(x)`` from the set (``residual``).
-
-Every number stays a 0-d tensor on the parameter's device until `fetch` turns the whole step into
-Python floats with one device-to-host copy per device. (On a CPU, where reading a value stalls
-nothing, a drift's largest entry is looked at before its norm: an exactly-zero gap then needs no
-second pass.) Nothing here writes to a parameter, a
-gradient or optimizer state except through the family's own ``project_all_`` /
-``project_grad_all_``, called exactly as on a step that is not audited, so auditing cannot change
-training.
-
-A family that overrides `Bound.gap_entries` with a form cheaper than projecting (`Mask` reads
-``x * (1 - keep)`` in one pass, `Fixed` only its held entries) is measured with it. For the others
-the drift is the change the projection itself makes (a copy before, a subtraction after): the
-same ``x - P(x)``, without a second projection, which matters for the costly ones (a polar
-decomposition, an SVD, Dykstra's iterations). The residual is `Bound.residual` where a family
-defines its own (an intersection's distance to each member set), else ``gap_entries``.
+The primitives the watchers (`constrained_optim.audit.watch`) measure with: batched norms that
+stay 0-d tensors on their device (`norms`), one device-to-host copy per device for a whole step
+(`fetch`), and a reusable scratch buffer for parameter-sized temporaries on a CPU (`Scratch`).
+(On a CPU, where reading a value stalls nothing, a gap's largest entry is looked at before its
+norm: an exactly-zero gap then needs no second pass.) Nothing here writes to a parameter, a
+gradient or optimizer state.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 
-from ..constraints.base import Bound
 
 # tensors are reduced by one foreach kernel per batch of about this many bytes, except that on a
 # CPU a tensor of at least STREAM_NUMEL entries is reduced on its own, while it is in cache
@@ -71,15 +55,6 @@ class Scratch:
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def has_direct_gap(kind: type[Bound]) -> bool:
-    """Whether the family writes ``x - P(x)`` more cheaply than by running its projection."""
-    return kind.gap_entries is not Bound.gap_entries
-
-
-def has_direct_grad_gap(kind: type[Bound]) -> bool:
-    return kind.grad_gap_entries is not Bound.grad_gap_entries
 
 
 def _norm(t: torch.Tensor) -> torch.Tensor:
@@ -149,71 +124,6 @@ def norms(tensors: Iterable[torch.Tensor], with_max: bool = False):
             flush()
     flush()
     return ns, ms
-
-
-def _drain(items: list) -> Iterator:
-    """Yield and drop the items of a list, so each is freed once it has been read."""
-    items.reverse()
-    while items:
-        yield items.pop()
-
-
-def _interleaved(pairs) -> Iterator[torch.Tensor]:
-    for a, b in pairs:
-        yield a
-        yield b()
-
-
-@torch.no_grad()
-def project_grads_measured_(kind: type[Bound], bounds, grads, params, scratch: Scratch):
-    """Project the gradients as ``kind.project_grad_all_`` does; return ``(removed, total)``:
-    ``||g - P_T(g)||`` and ``||g||`` per gradient, as 0-d tensors."""
-    if has_direct_grad_gap(kind):
-        # each gradient's norm, then its gap while it is still in cache
-        both, _ = norms(_interleaved(
-            (g, lambda b=b, g=g, p=p: b.grad_gap_entries(g, p, scratch.like(g)))
-            for b, g, p in zip(bounds, grads, params)
-        ))
-        kind.project_grad_all_(bounds, grads, params)
-        return both[1::2], both[0::2]
-    total, _ = norms(grads)
-    before = [g.clone() for g in grads]
-    kind.project_grad_all_(bounds, grads, params)
-    torch._foreach_sub_(before, grads)
-    removed, _ = norms(_drain(before))
-    return removed, total
-
-
-@torch.no_grad()
-def project_measured_(kind: type[Bound], bounds, params, scratch: Scratch):
-    """Project the parameters as ``kind.project_all_`` does; return ``(drift, drift_max)``:
-    ``||x - P(x)||`` and ``max|x - P(x)|`` per parameter, as 0-d tensors."""
-    if has_direct_gap(kind):
-        drift, drift_max = norms((b.gap_entries(p, scratch.like(p)) for b, p in zip(bounds, params)),
-                                 with_max=True)
-        kind.project_all_(bounds, params)
-    else:
-        before = [p.clone() for p in params]
-        kind.project_all_(bounds, params)
-        torch._foreach_sub_(before, params)
-        drift, drift_max = norms(_drain(before), with_max=True)
-    return drift, drift_max
-
-
-@torch.no_grad()
-def residuals(bounds, params, scratch: Scratch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """``(residual, norm)`` per (projected) parameter: the distance from its set,
-    ``||gap_entries(x)||``, and ``||x||``, read one parameter at a time while it is in cache."""
-    both, _ = norms(_interleaved(
-        (p, lambda b=b, p=p: _residual_entries(b, p, scratch)) for b, p in zip(bounds, params)
-    ))
-    return both[1::2], both[0::2]
-
-
-def _residual_entries(b: Bound, x: torch.Tensor, scratch: Scratch) -> torch.Tensor:
-    if type(b).residual is not Bound.residual:  # the family's own measure
-        return b.residual(x)
-    return b.gap_entries(x, scratch.like(x))
 
 
 def fetch(columns: list[list[torch.Tensor]]) -> list[list[float]]:

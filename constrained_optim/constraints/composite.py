@@ -1,15 +1,16 @@
 """Sets built from others: a user's own projection (`Projection`) and intersections (`Intersection`).
 
-An intersection is projected exactly where it can be and by Dykstra's algorithm otherwise:
+An intersection is projected exactly where it can be and by Dykstra's algorithm otherwise; the
+plan reads only the members' `Traits` and `Bound.partition`, never their classes:
 
-- sets that are all products of per-entry intervals (`Mask`, `Fixed`, `Box`, `NonNegative`, a
-  fixed `NMSparsity` pattern) are projected in turn, once: clamping to one interval and then to
-  another is clamping to their intersection;
-- sets that hold, tie or sign-tie entries (`Mask`, `Fixed`, `Tied`, `Symmetric`, `Invariant`
-  over signed permutations, a fixed `NMSparsity` pattern) are joined at attach into one such set:
-  entries connected through any member's groups share one value (with the signs the ties
-  imply), a component that contains a held entry or an odd sign cycle is held, so the joined
-  projection is again a group mean, bitwise exact at any size;
+- sets that are all element-wise and convex (products of per-entry intervals: `Mask`, `Fixed`,
+  `Box`, `NonNegative`, ``NormBall(p=inf)``, a fixed `NMSparsity` pattern) are projected in
+  turn, once: clamping to one interval and then to another is clamping to their intersection;
+- sets that hold, tie or sign-tie entries (those whose bound has a `Partition`: `Mask`, `Fixed`,
+  `Tied`, `Symmetric`, `Invariant` over signed permutations, a fixed `NMSparsity` pattern) are
+  joined at attach into one such set: entries connected through any member's groups share one
+  value (with the signs the ties imply), a component that contains a held entry or an odd sign
+  cycle is held, so the joined projection is again a group mean, bitwise exact at any size;
 - linear and affine sets whose projections commute (checked at attach on random probes) are
   projected in turn, once; the product of commuting orthogonal projections is the orthogonal
   projection onto the intersection;
@@ -20,21 +21,22 @@ An intersection is projected exactly where it can be and by Dykstra's algorithm 
 - the non-linear sets, with the merged linear part as one set, go through Dykstra's algorithm,
   which converges to the nearest point of the intersection of closed convex sets.
 
-The tangent projection of the linear part is exact in the same way. The residual an intersection
+The tangent projection of the linear part is exact in the same way. Every projection works on a
+copy where it takes more than one write and stores the result once. The residual an intersection
 reports is ``sqrt(sum_i dist(x, C_i)^2)`` over its member sets, so a point that Dykstra left short
 of the intersection, or an empty intersection, shows in the audit instead of being hidden.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
 
 from ..errors import ConstraintError, describe
-from .base import Bound, Constraint, LowPrecisionBound
-from .coordinate import FixedBound, MaskBound
-from .symmetry import SymmetricBound, TiedBound, swap_flip, tied_project_
+from .base import Bound, Constraint, LowPrecisionBound, Partition, Traits
+from .symmetry import tied_values
 
 #: largest parameter (in entries) whose non-commuting linear sets are merged into one explicit
 #: orthogonal projection at attach (an ``n x n`` float64 eigen-decomposition)
@@ -51,7 +53,8 @@ class Projection(Constraint):
     not modify ``param``); without it, gradients are left as they are. The residual the audit
     reports is the distance between a projected point and its re-projection, so a ``project``
     that does not land on a set of its own fixed points shows there. Both functions are tried on
-    the parameter at attach.
+    the parameter at attach. The library knows nothing else of the set: its bound claims neither
+    linearity nor convexity (an intersection with it goes through Dykstra's algorithm).
 
     >>> import torch, constrained_optim as co
     >>> halfspace = co.Projection(lambda x: x - (x.sum() - 1).clamp(min=0) / x.numel(), name="sum<=1")
@@ -73,14 +76,13 @@ class Projection(Constraint):
         self.project_grad = project_grad
         self.name = name
 
-    def _bind(self, param, name):
+    def _bind(self, param, name, owner):
         with torch.no_grad():
             self._try(lambda: self.project(param.detach().clone()), param, name, "project(x)")
             if self.project_grad is not None:
                 self._try(lambda: self.project_grad(torch.zeros_like(param), param.detach()),
                           param, name, "project_grad(grad, param)")
-        kind = ProjectionGradBound if self.project_grad is not None else ProjectionBound
-        return kind(self, name, param)
+        return ProjectionBound(self, name, param)
 
     def _try(self, call, param, name, what):
         try:
@@ -100,36 +102,25 @@ class Projection(Constraint):
         return f"Projection({getattr(self.project, '__name__', type(self.project).__name__)})"
 
 
-def _store_(x: torch.Tensor, y: torch.Tensor) -> None:
-    """``x <- y`` where ``y`` may share memory with ``x`` (a user's function returned a view)."""
-    if y is x:
-        return
-    if y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
-        y = y.clone()
-    x.copy_(y)
-
-
 class ProjectionBound(Bound):
+    """A user's functions, each handed a copy it may spoil; the result is stored once (a function
+    that raises halfway leaves the tensor as it was)."""
+
     def __init__(self, constraint, name, param):
-        super().__init__(constraint, name, param)
+        super().__init__(constraint, name, param,
+                         Traits(projects_grad=constraint.project_grad is not None, reduces=None))
         self.fn = constraint.project
+        self.grad_fn = constraint.project_grad
 
     def project_(self, x):
-        _store_(x, self.fn(x))  # x is overwritten anyway: the function may spoil it
+        x.copy_(self.fn(x.clone()))
 
     def gap(self, x):
         return x - self.fn(x.clone())
 
-
-class ProjectionGradBound(ProjectionBound):
-    projects_grad = True
-
-    def __init__(self, constraint, name, param):
-        super().__init__(constraint, name, param)
-        self.grad_fn = constraint.project_grad
-
     def project_grad_(self, g, x):
-        _store_(g, self.grad_fn(g, x))
+        if self.grad_fn is not None:
+            g.copy_(self.grad_fn(g.clone(), x))
 
 
 # -- Intersection ------------------------------------------------------------------------------------
@@ -172,8 +163,13 @@ class Intersection(Constraint):
         self.tol = tol
         self.linear = all(c.linear for c in members)
 
-    def _bind(self, param, name):
-        return IntersectionBound.build(self, name, param, [c.bind(param, name) for c in self.constraints])
+    def _bind(self, param, name, owner):
+        return IntersectionBound(self, name, param, [c.bind(param, name, owner) for c in self.constraints])
+
+    def same_as(self, other) -> bool:
+        return (type(other) is type(self) and len(self.constraints) == len(other.constraints)
+                and self.max_iter == other.max_iter and self.tol == other.tol
+                and all(a.same_as(b) for a, b in zip(self.constraints, other.constraints)))
 
     def __repr__(self):
         return " & ".join(
@@ -191,8 +187,8 @@ def intersect_bounds(old: Bound, new: Bound, param: torch.Tensor, name: str) -> 
     constraint = Intersection(*[b.constraint for b in members])
     dtype = torch.float32 if wrapped else param.dtype
     like = torch.empty((), dtype=dtype, device=param.device).expand(tuple(param.shape))
-    bound = IntersectionBound.build(constraint, name, like, members)
-    return LowPrecisionBound.wrap(bound, param) if wrapped else bound
+    bound = IntersectionBound(constraint, name, like, members)
+    return LowPrecisionBound(bound, param) if wrapped else bound
 
 
 def _members(bound: Bound) -> list[Bound]:
@@ -200,20 +196,26 @@ def _members(bound: Bound) -> list[Bound]:
 
 
 # -- the blocks an intersection is projected by -------------------------------------------------------
+# A block works in place and may write its tensor several times (Dykstra runs it on a scratch
+# copy); ``writes_once`` / ``grad_writes_once`` say where one call is a single store, so a lone
+# block can work on the parameter's own tensor.
 class InTurn:
     """Bounds projected in turn once: exact when their projections compose to the projection onto
     the intersection (products of intervals; commuting linear sets)."""
 
     def __init__(self, bounds: list[Bound]):
         self.bounds = bounds
-        self.linear = all(b.linear for b in bounds)
+        self.linear = all(b.traits.linear for b in bounds)
+        self.grad_bounds = [b for b in bounds if b.traits.projects_grad]
+        self.writes_once = len(bounds) == 1
+        self.grad_writes_once = len(self.grad_bounds) <= 1
 
     def project_(self, x):
         for b in self.bounds:
             b.project_(x)
 
     def project_grad_(self, g, x):
-        for b in self.bounds:
+        for b in self.grad_bounds:
             b.project_grad_(g, x)
 
 
@@ -222,6 +224,7 @@ class Joined:
     ``w_i = +-1`` on free components and ``0`` on held ones, whose values ``x0`` are fixed."""
 
     linear = True
+    writes_once = grad_writes_once = True
 
     def __init__(self, group_ids, weights, x0):
         n_groups = int(group_ids.max()) + 1 if group_ids.numel() else 0
@@ -230,51 +233,26 @@ class Joined:
         self.counts = counts.clamp_min(1).to(weights.dtype)
         self.scale_weights = weights.abs()
         self.x0 = x0 if bool((x0 != 0).any()) else None
+        self.held = weights == 0 if bool((weights == 0).any()) else None
 
-    def _tie_(self, x, weights):
-        flat = x.view(1, -1) if x.is_contiguous() else x.reshape(1, -1).clone()
-        tied_project_(flat, self.group_ids, self.counts, self.n_groups, weights)
-        if flat.data_ptr() != x.data_ptr():
-            x.copy_(flat.view(x.shape))
+    def _values(self, x, weights):
+        return tied_values(x.reshape(1, -1), self.group_ids, self.counts, self.n_groups, weights)
 
     def project_(self, x):
-        self._tie_(x, self.weights)
+        y = self._values(x, self.weights)
         if self.x0 is not None:
-            x.add_(self.x0.view(x.shape))
+            y.add_(self.x0.view(1, -1))
+        x.copy_(y.view(x.shape))
 
     def project_grad_(self, g, x):
-        self._tie_(g, self.weights)
+        g.copy_(self._values(g, self.weights).view(g.shape))
 
     def project_scale_(self, v):
-        self._tie_(v, self.scale_weights)
+        v.copy_(self._values(v, self.scale_weights).view(v.shape))
 
-
-def partition_of(bound: Bound, like: torch.Tensor):
-    """``(group, weight, held_value)`` over the flattened parameter if the bound's set is
-    ``{x : x_i = w_i c_group(i)}`` with ``w_i`` in {-1, 0, 1} and held entries (``w_i = 0``) at
-    ``held_value``; None for other sets."""
-    n, device = like.numel(), like.device
-    own = torch.arange(n, device=device)
-    zeros = torch.zeros(n, dtype=torch.float64, device=device)
-    if isinstance(bound, MaskBound):
-        return own, bound.keep.expand(like.shape).reshape(-1).double(), zeros
-    if isinstance(bound, FixedBound):
-        held = torch.zeros(like.shape, dtype=torch.bool, device=device)
-        held[bound.index] = True
-        values = torch.zeros(like.shape, dtype=torch.float64, device=device)
-        values[bound.index] = bound.values.double()
-        return own, (~held).reshape(-1).double(), values.reshape(-1)
-    if isinstance(bound, TiedBound):
-        p = bound.group_ids.numel()
-        lead = torch.arange(n // p, device=device).unsqueeze(1) * bound.n_groups
-        group = (lead + bound.group_ids.unsqueeze(0)).reshape(-1)
-        weight = (torch.ones(p, dtype=torch.float64, device=device) if bound.weights is None
-                  else bound.weights.double()).repeat(n // p)
-        return group, weight, zeros
-    if isinstance(bound, SymmetricBound):
-        partner = swap_flip(own.view(like.shape), bound.dims, bound.flip).reshape(-1)
-        return torch.minimum(own, partner), torch.ones(n, dtype=torch.float64, device=device), zeros
-    return None
+    def repair_(self, t):
+        if self.held is not None:  # held components (an odd sign cycle holds one at 0)
+            t.masked_fill_(self.held.view(t.shape), 0)
 
 
 def components(n_nodes: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -297,8 +275,8 @@ def components(n_nodes: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         label = new
 
 
-def join_partitions(parts, like: torch.Tensor) -> Joined:
-    """The intersection of sets given by `partition_of`, as one `Joined` set."""
+def join_partitions(parts: list[Partition], like: torch.Tensor) -> Joined:
+    """The intersection of sets given by their `Partition` (`Bound.partition`), as one `Joined` set."""
     n, device = like.numel(), like.device
     us, vs = [], []
     held = torch.zeros(n, dtype=torch.bool, device=device)
@@ -306,7 +284,8 @@ def join_partitions(parts, like: torch.Tensor) -> Joined:
     value_set = torch.zeros(n, dtype=torch.bool, device=device)
     conflict = torch.zeros(n, dtype=torch.bool, device=device)
     own = torch.arange(n, device=device)
-    for group, weight, held_value in parts:
+    for part in parts:
+        group, weight, held_value = part.group, part.weight, part.held_value
         is_held = weight == 0
         # held entries: their values must agree across members
         fresh = is_held & ~value_set
@@ -358,6 +337,7 @@ class ExplicitLinear:
     orthonormal columns of ``q``, ``x0`` orthogonal to ``T``: ``x <- q q^T x + x0``."""
 
     linear = True
+    writes_once = grad_writes_once = True
 
     def __init__(self, q: torch.Tensor, x0: torch.Tensor):
         self.q, self.x0 = q, x0
@@ -376,6 +356,7 @@ class AlternatingLinear:
     the projection onto the intersection of affine sets, until a sweep moves less than ``tol``."""
 
     linear = True
+    writes_once = grad_writes_once = False
 
     def __init__(self, bounds: list[Bound], max_iter: int, tol: float):
         self.bounds, self.max_iter, self.tol = bounds, max_iter, tol
@@ -485,101 +466,147 @@ def dykstra_(x: torch.Tensor, blocks, max_iter: int, tol: float) -> int:
     return max_iter
 
 
+def _on_copy(x: torch.Tensor, once: bool, apply: Callable[[torch.Tensor], None]) -> None:
+    """``apply`` to ``x`` directly where it is a single store (``once``), else to a copy that is
+    written back once."""
+    if once:
+        apply(x)
+        return
+    y = x.clone()
+    apply(y)
+    x.copy_(y)
+
+
 class IntersectionBound(Bound):
-    """An intersection resolved for one parameter: its member bounds and how they are combined."""
+    """An intersection resolved for one parameter: its member bounds and how they are combined.
+    Its traits follow from the members' and from the plan."""
 
     def __init__(self, constraint, name, param, members: list[Bound]):
-        super().__init__(constraint, name, param)
         self.members = members
         self.max_iter = getattr(constraint, "max_iter", 200)
         tol = getattr(constraint, "tol", None)
         self.tol = tol if tol is not None else 16 * _eps(param.dtype)
         # shape, dtype and device for the probes planning takes (an expanded empty: no memory)
         self.like = torch.empty((), dtype=param.dtype, device=param.device).expand(tuple(param.shape))
-        self.coordinatewise = all(b.coordinatewise for b in members)
         self.sweeps = 0
         self._plan()
-
-    @staticmethod
-    def build(constraint, name, param, members: list[Bound]) -> IntersectionBound:
-        kind = IntersectionGradBound if any(b.projects_grad for b in members) else IntersectionBound
-        return kind(constraint, name, param, members)
+        super().__init__(constraint, name, param, self._traits())
 
     def _plan(self) -> None:
         members = self.members
-        if self.coordinatewise or len(members) == 1:
+        if len(members) == 1 or all(b.traits.elementwise and b.traits.convex for b in members):
             self.blocks = [InTurn(members)]
             self.tangent, self.grad_rest = self.blocks[0], []
-            return
-        lin = [b for b in members if b.linear]
-        rest = [b for b in members if not b.linear]
-        blocks: list = []
-        self.tangent = None
-        if lin:
-            parts = [partition_of(b, self.like) for b in lin] if len(lin) > 1 else [None]
-            if all(p is not None for p in parts):
-                self.tangent = join_partitions(parts, self.like)
-            elif len(lin) == 1 or commute(lin, self.like):
-                self.tangent = InTurn(lin)
-            elif self.like.numel() <= EXPLICIT_MAX:
-                self.tangent = explicit_linear(lin, self.like)
-            else:
-                self.tangent = AlternatingLinear(lin, self.max_iter, self.tol)
-            blocks.append(self.tangent)
-        boxes = [b for b in rest if b.coordinatewise]
-        if boxes:
-            blocks.append(InTurn(boxes))
-        blocks += [InTurn([b]) for b in rest if not b.coordinatewise]
-        self.blocks = blocks
-        self.grad_rest = [b for b in rest if b.projects_grad]
+        else:
+            lin = [b for b in members if b.traits.linear]
+            rest = [b for b in members if not b.traits.linear]
+            blocks: list = []
+            self.tangent = None
+            if lin:
+                parts = [b.partition(self.like) for b in lin] if len(lin) > 1 else [None]
+                if all(p is not None for p in parts):
+                    self.tangent = join_partitions(parts, self.like)
+                elif len(lin) == 1 or commute(lin, self.like):
+                    self.tangent = InTurn(lin)
+                elif self.like.numel() <= EXPLICIT_MAX:
+                    self.tangent = explicit_linear(lin, self.like)
+                else:
+                    self.tangent = AlternatingLinear(lin, self.max_iter, self.tol)
+                blocks.append(self.tangent)
+            # element-wise convex sets compose exactly in turn: one block
+            boxes = [b for b in rest if b.traits.elementwise and b.traits.convex]
+            if boxes:
+                blocks.append(InTurn(boxes))
+            blocks += [InTurn([b]) for b in rest if not (b.traits.elementwise and b.traits.convex)]
+            self.blocks = blocks
+            self.grad_rest = [b for b in rest if b.traits.projects_grad]
+        steps = (self.tangent is not None) + len(self.grad_rest)
+        lone = self.tangent is None or self.tangent.grad_writes_once
+        self._grad_once = steps == 0 or (steps == 1 and lone)
+
+    def _traits(self) -> Traits:
+        t = [b.traits for b in self.members]
+        if len(t) == 1:  # the member's own, less the gap forms this bound does not forward
+            return dataclasses.replace(t[0], cheap_gap=False, cheap_grad_gap=False)
+        block = self.blocks[0]
+        exact = len(self.blocks) == 1 and (
+            isinstance(block, Joined)
+            or (isinstance(block, InTurn) and all(x.exact and x.elementwise for x in t)))
+        return Traits(linear=all(x.linear for x in t), convex=all(x.convex for x in t),
+                      projects_grad=any(x.projects_grad for x in t), exact=exact,
+                      reduces=() if all(x.elementwise for x in t) else None)
 
     @property
-    def linear(self) -> bool:
-        return all(b.linear for b in self.members)
-
-    @property
-    def exact(self) -> bool:
-        """Projected in one pass (no Dykstra iterations)."""
+    def one_pass(self) -> bool:
+        """Projected exactly in one pass (no Dykstra sweeps, no alternation), to rounding."""
         return len(self.blocks) == 1 and not isinstance(self.blocks[0], AlternatingLinear)
 
     # -- the set ---------------------------------------------------------------------------------------
     def project_(self, x):
         if len(self.blocks) == 1:
-            self.blocks[0].project_(x)
+            _on_copy(x, self.blocks[0].writes_once, self.blocks[0].project_)
         else:
-            self.sweeps = dykstra_(x, self.blocks, self.max_iter, self.tol)
+            def sweep(y):
+                self.sweeps = dykstra_(y, self.blocks, self.max_iter, self.tol)
 
-    def residual(self, x):
+            _on_copy(x, False, sweep)
+
+    def residual(self, x, out=None):
         """``sqrt(sum_i dist(x, C_i)^2)``, as the concatenation of the gaps to every member set."""
         return torch.cat([b.gap(x).reshape(-1) for b in self.members])
 
     # -- gradients and state ---------------------------------------------------------------------------
     def project_grad_(self, g, x):
-        if self.tangent is not None:
-            self.tangent.project_grad_(g, x)
-        for b in self.grad_rest:
-            b.project_grad_(g, x)
+        def apply(h):
+            if self.tangent is not None:
+                self.tangent.project_grad_(h, x)
+            for b in self.grad_rest:
+                b.project_grad_(h, x)
+
+        _on_copy(g, self._grad_once, apply)
 
     def project_scale_(self, v):
-        if isinstance(self.tangent, Joined):
-            self.tangent.project_scale_(v)
-            members = [b for b in self.members if not b.linear]
-        else:
+        def apply(w):
             members = self.members
-        for b in members:
-            b.project_scale_(v)
+            if isinstance(self.tangent, Joined):
+                self.tangent.project_scale_(w)
+                members = [b for b in members if not b.traits.linear]
+            for b in members:
+                b.project_scale_(w)
 
+        _on_copy(v, False, apply)
+
+    def repair_(self, t):
+        for b in self.members:
+            b.repair_(t)
+        if isinstance(self.tangent, Joined):
+            self.tangent.repair_(t)
+
+    # -- checkpoints: each member's data under its position, "0.keep" ---------------------------------
     def state_tensors(self):
         return {f"{i}.{k}": v for i, b in enumerate(self.members) for k, v in b.state_tensors().items()}
 
-    def load_state_tensors(self, tensors):
-        super().load_state_tensors(tensors)
-        self._plan()  # the merged linear part depends on the members' data
+    def _member_data(self, tensors, i: int) -> dict:
+        prefix = f"{i}."
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-    def __repr__(self):
-        return f"{self.constraint!r} on {self.name}"
+    def check_state(self, tensors):
+        if not isinstance(tensors, dict):
+            return False, f"data must be a dict of tensors, got {type(tensors).__name__}"
+        mine = self.state_tensors()
+        if set(mine) != set(tensors):
+            return False, f"data {sorted(tensors)}, expected {sorted(mine)}"
+        for i, b in enumerate(self.members):
+            ok, reason = b.check_state(self._member_data(tensors, i))
+            if not ok:
+                return False, f"{i} ({b.constraint!r}): {reason}"
+        return True, ""
 
-
-class IntersectionGradBound(IntersectionBound):
-    projects_grad = True
-
+    def with_state(self, tensors):
+        """A new intersection of the members rebuilt from ``tensors``, planned again (the merged
+        linear part depends on the members' data)."""
+        ok, reason = self.check_state(tensors)
+        if not ok:
+            raise ConstraintError(f"{self.name}: {self.constraint!r}: {reason}")
+        members = [b.with_state(self._member_data(tensors, i)) for i, b in enumerate(self.members)]
+        return IntersectionBound(self.constraint, self.name, self.like, members)

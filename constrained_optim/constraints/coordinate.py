@@ -4,8 +4,8 @@ an interval (`Box`, `NonNegative`).
 `Mask` and `Fixed` are linear (affine for `Fixed` with a non-zero value) and axis-aligned, so the
 projection, the tangent projection and the handling of optimizer state are all the same
 entry-wise rule. `Box` is a product of intervals, projected by clamping. All of them are
-products of per-entry intervals, so projecting onto several of them in turn is the exact
-projection onto their intersection.
+element-wise (``traits.reduces == ()``): products of per-entry sets, so projecting onto several
+of them in turn is the exact projection onto their intersection.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConstraintError, describe
-from .base import Bound, Constraint
+from .base import Bound, Constraint, Partition, Traits, finite_or_raise
 
 
 # -- pure maths ---------------------------------------------------------------------------------
@@ -28,12 +28,10 @@ def fixed_project_(x: torch.Tensor, index, values) -> None:
 
 
 def box_project_(x: torch.Tensor, low, high) -> None:
-    """Project onto ``{x : low <= x <= high}`` (bounds scalars, tensors broadcast, or None):
-    ``x <- min(max(x, low), high)``."""
-    if low is not None:
-        x.clamp_min_(low)
-    if high is not None:
-        x.clamp_max_(high)
+    """Project onto ``{x : low <= x <= high}``: ``x <- min(max(x, low), high)`` in one clamp.
+    ``low`` and ``high`` are both scalars (or None) or both tensors (or None), broadcast."""
+    if low is not None or high is not None:
+        torch.clamp_(x, low, high)
 
 
 # -- Mask ------------------------------------------------------------------------------------------
@@ -65,23 +63,28 @@ class Mask(Constraint):
             mask = mask.bool()
         self.mask = mask
 
-    def _bind(self, param, name):
+    def _bind(self, param, name, owner):
         check_broadcast(self.mask.shape, param, name, self, "mask")
-        return MaskBound(self, name, param)
+        # uint8 multiplies about as fast as float on a CPU at a quarter of the memory
+        return MaskBound(self, name, param, self.mask.to(device=param.device, dtype=torch.uint8))
 
     def __repr__(self):
         free = int(self.mask.sum())
         return f"Mask({free}/{self.mask.numel()} free)"
 
 
-class MaskBound(Bound):
-    projects_grad = True
-    coordinatewise = True
+#: what a held-entries set is: exact, element-wise, with gaps read from the held entries alone
+HELD = Traits(linear=True, convex=True, projects_grad=True, exact=True, reduces=(),
+              cheap_gap=True, cheap_grad_gap=True)
 
-    def __init__(self, constraint: Mask, name, param):
-        super().__init__(constraint, name, param)
-        # uint8 multiplies about as fast as float on a CPU at a quarter of the memory
-        self.keep = constraint.mask.to(device=param.device, dtype=torch.uint8)
+
+class MaskBound(Bound):
+    """``{x : x * (1 - keep) = 0}`` for a 0/1 uint8 ``keep`` broadcastable to the parameter (a
+    `Mask`, or the pattern a fixed `NMSparsity` chose)."""
+
+    def __init__(self, constraint, name, param, keep: torch.Tensor):
+        super().__init__(constraint, name, param, HELD)
+        self.keep = keep
 
     def project_(self, x):
         mask_project_(x, self.keep)
@@ -107,8 +110,23 @@ class MaskBound(Bound):
     def project_scale_(self, v):
         mask_project_(v, self.keep)
 
+    def repair_(self, t):
+        t.masked_fill_(self.keep == 0, 0)  # not a multiply: inf * 0 would leave NaN
+
+    def partition(self, like):
+        n = like.numel()
+        own = torch.arange(n, device=like.device)
+        weight = self.keep.expand(like.shape).reshape(-1).double()
+        return Partition(own, weight, torch.zeros(n, dtype=torch.float64, device=like.device))
+
     def state_tensors(self):
         return {"keep": self.keep}
+
+    def check_values(self, tensors):
+        keep = tensors["keep"]
+        if not bool(((keep == 0) | (keep == 1)).all()):
+            return False, "keep must hold only 0 and 1"
+        return True, ""
 
     @classmethod
     def project_all_(cls, bounds, xs):
@@ -125,9 +143,9 @@ class Fixed(Constraint):
 
     ``where`` is a bool mask broadcastable to the parameter (True = held) or an index expression
     such as ``(..., 1, 1)`` (the centre of every 3x3 kernel), written as a strided in-place
-    store. ``value`` is a scalar or a tensor broadcastable to the parameter, of which the selected
-    entries are taken. Affine when ``value != 0``; weight decay then pulls held entries off their
-    value during the wrapped step, and the post-step projection puts them back.
+    store. ``value`` is a finite scalar or a tensor broadcastable to the parameter, of which the
+    selected entries are taken. Affine when ``value != 0``; weight decay then pulls held entries
+    off their value during the wrapped step, and the post-step projection puts them back.
 
     >>> import torch, constrained_optim as co
     >>> w = torch.nn.Parameter(torch.ones(1, 1, 3, 3))
@@ -149,21 +167,27 @@ class Fixed(Constraint):
             )
         self.where = where
         self.value = value if isinstance(value, (int, float)) else torch.as_tensor(value)
+        finite_or_raise(self.value, "Fixed", "value")
 
-    def _bind(self, param, name):
+    def _bind(self, param, name, owner):
         device = param.device
         if isinstance(self.where, torch.Tensor):
             check_broadcast(self.where.shape, param, name, self, "where")
-            index = self.where.to(device).expand(param.shape).nonzero(as_tuple=True)
+            mask = self.where.to(device).expand(param.shape)
+            # a 0-d parameter is indexed by its 0-d mask (nonzero would give a 1-d index)
+            index = (mask,) if param.dim() == 0 else mask.nonzero(as_tuple=True)
         else:
             index = self.where if isinstance(self.where, tuple) else (self.where,)
             index = tuple(i.to(device) if isinstance(i, torch.Tensor) else i for i in index)
             try:
                 torch.empty(param.shape, device="meta")[index]
-            except (IndexError, TypeError, RuntimeError) as err:
+            except (IndexError, TypeError, RuntimeError, ValueError) as err:
                 raise ConstraintError(
                     f"{describe(name, param)}: Fixed index {self.where!r} does not index it ({err})"
                 ) from None
+            reason = index_out_of_range(index, tuple(param.shape))
+            if reason:  # the meta tensor does not check bounds
+                raise ConstraintError(f"{describe(name, param)}: Fixed index {self.where!r}: {reason}")
         if isinstance(self.value, torch.Tensor):
             check_broadcast(self.value.shape, param, name, self, "value")
             values = self.value.to(device=device, dtype=param.dtype).expand(param.shape)[index]
@@ -179,12 +203,32 @@ class Fixed(Constraint):
         return f"Fixed({where.replace('Ellipsis', '...')}, {value})"
 
 
-class FixedBound(Bound):
-    projects_grad = True
-    coordinatewise = True
+def index_out_of_range(index: tuple, shape: tuple[int, ...]) -> str:
+    """Why an index expression's integer entries do not fit ``shape`` ('' if they do)."""
+    def width(e):  # how many dims an entry consumes (the Ellipsis: what the others leave)
+        if e is None or e is Ellipsis:
+            return 0
+        return e.dim() if isinstance(e, torch.Tensor) and e.dtype == torch.bool else 1
 
-    def __init__(self, constraint, name, param, index, values):
-        super().__init__(constraint, name, param)
+    rest = len(shape) - sum(width(e) for e in index)
+    dim = 0
+    for e in index:
+        if e is Ellipsis:
+            dim += rest
+            continue
+        integer = isinstance(e, int) and not isinstance(e, bool)
+        if integer or (isinstance(e, torch.Tensor) and e.dtype != torch.bool and e.numel()):
+            size = shape[dim]
+            low, high = (e, e) if integer else (int(e.min()), int(e.max()))
+            if low < -size or high >= size:
+                return f"an index for dim {dim} is out of range for its size {size}"
+        dim += width(e)
+    return ""
+
+
+class FixedBound(Bound):
+    def __init__(self, constraint, name, param, index: tuple, values: torch.Tensor):
+        super().__init__(constraint, name, param, HELD)
         self.index = index
         self.values = values
 
@@ -209,10 +253,33 @@ class FixedBound(Bound):
     def project_scale_(self, v):
         v[self.index] = 0
 
+    def repair_(self, t):
+        t[self.index] = 0  # a store, whatever t held there; the projection then puts the values
+
+    def partition(self, like):
+        n, device = like.numel(), like.device
+        held = torch.zeros(like.shape, dtype=torch.bool, device=device)
+        held[self.index] = True
+        values = torch.zeros(like.shape, dtype=torch.float64, device=device)
+        values[self.index] = self.values.double()
+        return Partition(torch.arange(n, device=device), (~held).reshape(-1).double(), values.reshape(-1))
+
+    # a mask's held positions are data too: a checkpoint carries them, like Mask's keep. The
+    # index tuple's tensor entries are saved as "index0", "index1", ... (by position)
     def state_tensors(self):
-        # a mask's held positions are data too: a checkpoint carries them, like Mask's keep
         positions = {f"index{i}": t for i, t in enumerate(self.index) if isinstance(t, torch.Tensor)}
         return {"values": self.values, **positions}
+
+    def _index_from(self, tensors) -> tuple:
+        return tuple(tensors.get(f"index{i}", e) for i, e in enumerate(self.index))
+
+    def check_values(self, tensors):
+        reason = index_out_of_range(self._index_from(tensors), self.shape)
+        return (False, reason) if reason else (True, "")
+
+    def _adopt(self, tensors):
+        self.values = tensors["values"]
+        self.index = self._index_from(tensors)
 
 
 # -- Box ---------------------------------------------------------------------------------------------
@@ -220,8 +287,9 @@ class Box(Constraint):
     """Entries between ``low`` and ``high``: ``{W : low <= W <= high}`` (entry-wise).
 
     ``low`` and ``high`` are scalars, tensors broadcastable to the parameter, or None (no bound
-    on that side). The projection clamps. Bounds a half-precision parameter cannot represent are
-    rounded with it, so such a bound holds only to that precision.
+    on that side); infinite entries are no bound, NaN is refused. The projection clamps. Bounds a
+    half-precision parameter cannot represent are rounded with it, so such a bound holds only to
+    that precision.
 
     >>> import torch, constrained_optim as co
     >>> w = torch.nn.Parameter(torch.tensor([-2.0, 0.5, 3.0]))
@@ -246,7 +314,7 @@ class Box(Constraint):
             if bad:
                 raise ConstraintError(f"{self!r}: low > high, so the set is empty")
 
-    def _bind(self, param, name):
+    def _bind(self, param, name, owner):
         def resolve(v, what):
             if isinstance(v, torch.Tensor):
                 check_broadcast(v.shape, param, name, self, what)
@@ -288,11 +356,9 @@ def _bound_value(v, what):
     if isinstance(v, torch.Tensor):
         if v.dtype == torch.bool or v.is_complex():
             raise ConstraintError(f"Box: {what} must be a real number or tensor, got {v.dtype}")
-        if v.dim() == 0:
-            return float(v)
-        if bool(v.isnan().any()):
+        if bool(v.isnan().any()):  # before a 0-d tensor becomes a float
             raise ConstraintError(f"Box: {what} has NaN entries")
-        return v
+        return float(v) if v.dim() == 0 else v
     if v != v:
         raise ConstraintError(f"Box: {what} is NaN")
     return float(v)
@@ -305,22 +371,43 @@ FOREACH_MAX_NUMEL = 16384
 
 
 class BoxBound(Bound):
-    coordinatewise = True
+    """``{x : low <= x <= high}`` with ``low``/``high`` floats, tensors or None (also `NormBall`
+    with ``p=inf``)."""
+
+    #: an infinite bound entry is no bound on that entry: legal checkpoint data
+    infinite_ok = frozenset({"low", "high"})
 
     def __init__(self, constraint, name, param, low, high):
-        super().__init__(constraint, name, param)
+        super().__init__(constraint, name, param, Traits(convex=True, exact=True, reduces=()))
         self.low, self.high = low, high
-        # one fused pass where both bounds are of one kind (scalars, or tensors)
-        self.fused = low is not None and high is not None and type(low) is type(high)
+        self._clamp_args()
+
+    def _clamp_args(self):
+        # torch.clamp_ takes two numbers or two tensors: a number beside a tensor becomes 0-d
+        low, high = self.low, self.high
+        if isinstance(low, torch.Tensor) and isinstance(high, float):
+            high = torch.tensor(high, dtype=low.dtype, device=low.device)
+        elif isinstance(high, torch.Tensor) and isinstance(low, float):
+            low = torch.tensor(low, dtype=high.dtype, device=high.device)
+        self.clamp = (low, high)
 
     def project_(self, x):
-        if self.fused:
-            x.clamp_(self.low, self.high)
-        else:
-            box_project_(x, self.low, self.high)
+        box_project_(x, *self.clamp)
 
     def state_tensors(self):
         return {k: v for k, v in (("low", self.low), ("high", self.high)) if isinstance(v, torch.Tensor)}
+
+    def check_values(self, tensors):
+        low, high = tensors.get("low", self.low), tensors.get("high", self.high)
+        if low is None or high is None:
+            return True, ""
+        if bool((torch.as_tensor(low) > torch.as_tensor(high)).any()):
+            return False, "low > high somewhere, so the set is empty"
+        return True, ""
+
+    def _adopt(self, tensors):
+        super()._adopt(tensors)
+        self._clamp_args()
 
     @classmethod
     def project_all_(cls, bounds, xs):
@@ -331,24 +418,36 @@ class BoxBound(Bound):
             else:
                 small_b.append(b)
                 small_x.append(x)
-        for side, op in (("low", torch._foreach_clamp_min_), ("high", torch._foreach_clamp_max_)):
-            values = [getattr(b, side) for b in small_b]
-            first = values[0] if values else None
-            if isinstance(first, float) and all(type(v) is float and v == first for v in values):
-                op(small_x, first)  # the common case: one scalar bound for the whole group
-                continue
-            by_scalar: dict[float, list] = {}
-            tensors, bound_tensors = [], []
-            for v, x in zip(values, small_x):
-                if isinstance(v, float):
-                    by_scalar.setdefault(v, []).append(x)
-                elif v is not None:
-                    tensors.append(x)
-                    bound_tensors.append(v)
-            for v, group in by_scalar.items():
-                op(group, v)
-            if tensors:
-                op(tensors, bound_tensors)
+        # a one-sided tensor takes one in-place clamp; a two-sided one is clamped from below into
+        # a new tensor, from above in place there, and copied back once: no tensor is ever left
+        # clamped on one side only
+        both = [b.low is not None and b.high is not None for b in small_b]
+        work = list(small_x)
+        _clamp_group(work, [b.low for b in small_b], both, torch._foreach_clamp_min_,
+                     torch._foreach_clamp_min)
+        _clamp_group(work, [b.high for b in small_b], [False] * len(work), torch._foreach_clamp_max_,
+                     None)
+        if any(both):
+            torch._foreach_copy_([x for x, t in zip(small_x, both) if t],
+                                 [w for w, t in zip(work, both) if t])
+
+
+def _clamp_group(xs: list, values: list, fresh: list, op_, op) -> None:
+    """Clamp each ``xs[i]`` by ``values[i]`` (None: not at all), in place, or where ``fresh[i]``
+    into a new tensor that replaces ``xs[i]`` in the list; one foreach call per distinct scalar
+    bound and one for the tensor bounds (the common case, one scalar for the group, is one call)."""
+    groups: dict = {}
+    for i, v in enumerate(values):
+        if v is not None:
+            groups.setdefault((None if isinstance(v, torch.Tensor) else v, fresh[i]), []).append(i)
+    for (scalar, new), idx in groups.items():
+        arg = [values[i] for i in idx] if scalar is None else scalar
+        targets = [xs[i] for i in idx]
+        if new:
+            for i, y in zip(idx, op(targets, arg)):
+                xs[i] = y
+        else:
+            op_(targets, arg)
 
 
 def check_broadcast(shape, param, name, constraint, what) -> None:

@@ -13,8 +13,9 @@ import math
 import torch
 
 from ..errors import ConstraintError, describe
-from .base import Bound, Constraint, normalize_dims
+from .base import Bound, Constraint, Traits, normalize_dims
 from .coordinate import BoxBound
+from .layout import output_dim
 
 
 # -- pure maths ---------------------------------------------------------------------------------
@@ -26,13 +27,14 @@ def l2_ball_project_(x: torch.Tensor, radius: float, dims) -> None:
 
 
 def unit_sphere_project_(x: torch.Tensor, dims) -> None:
-    """Project onto ``{x : ||x||_2 = 1}`` per unit: ``x <- x / ||x||``. Every point of the sphere is
-    nearest to 0, so a zero unit gets the one with equal entries, ``1 / sqrt(k)`` each."""
+    """Project onto ``{x : ||x||_2 = 1}`` per unit: ``x <- x / ||x||``, written back once. Every
+    point of the sphere is nearest to 0, so a zero unit gets the one with equal entries,
+    ``1 / sqrt(k)`` each."""
     norm = torch.linalg.vector_norm(x, 2, dim=dims, keepdim=True)
     zero = norm == 0
-    x.div_(norm.masked_fill_(zero, 1.0))
     k = x.numel() // max(norm.numel(), 1)
-    x.add_(zero.to(x.dtype), alpha=1.0 / math.sqrt(k) if k else 0.0)
+    y = torch.div(x, norm.masked_fill_(zero, 1.0))
+    x.copy_(y.add_(zero.to(x.dtype), alpha=1.0 / math.sqrt(k) if k else 0.0))
 
 
 def simplex_rows(v: torch.Tensor, radius: float) -> torch.Tensor:
@@ -69,7 +71,10 @@ def as_rows(x: torch.Tensor, dims) -> tuple[torch.Tensor, tuple[int, ...]]:
 
 
 def rows_project_(x: torch.Tensor, dims, rows_fn) -> None:
-    """Apply a row-wise projection ``rows_fn`` to the units of ``x`` in place."""
+    """Apply a row-wise projection ``rows_fn`` to the units of ``x`` in place, written back once
+    (an empty ``x`` is its own projection)."""
+    if x.numel() == 0:
+        return
     rows, perm = as_rows(x, dims)
     out = rows_fn(rows)
     x.permute(perm).copy_(out.view([x.shape[d] for d in perm]))
@@ -93,10 +98,14 @@ def _dims(dim, param, name, who):
     return tuple(sorted(dims)) if dims else None
 
 
-def _unit_dims(dim, param, name, who):
-    """``dim=None``: every dim but 0 (each output unit); a 0-d or 1-D parameter is one unit."""
+def _unit_dims(dim, param, name, who, owner):
+    """``dim=None``: every dim but the owner's output dim (each output unit, `layout`); a 0-d or
+    1-D parameter is one unit."""
     if dim is None:
-        return tuple(range(1, param.dim())) if param.dim() >= 2 else None
+        if param.dim() < 2:
+            return None
+        out = output_dim(owner, param) % param.dim()
+        return tuple(d for d in range(param.dim()) if d != out)
     return _dims(dim, param, name, who)
 
 
@@ -128,7 +137,7 @@ class NormBall(Constraint):
         self.radius = _radius(radius, f"NormBall(p={self.p})")
         self.dim = dim
 
-    def _bind(self, param, name):
+    def _bind(self, param, name, owner):
         dims = _dims(self.dim, param, name, repr(self))
         if self.p == math.inf:  # every entry within [-r, r]: a box
             return BoxBound(self, name, param, -self.radius, self.radius)
@@ -145,10 +154,12 @@ class NormBall(Constraint):
 class MaxNorm(Constraint):
     """Each output unit's L2 norm at most ``max_value``: ``{W : ||W[i]||_2 <= c for every i}``.
 
-    As Keras' ``MaxNorm``: by default (``dim=None``) the norm runs over every dim but 0, the
-    output dim of ``nn.Linear`` and ``nn.Conv*`` weights; a 1-D parameter is a single unit.
-    ``dim`` names the dims the norm runs over instead. The projection scales units that are
-    too long down to ``max_value`` exactly and leaves the others as they are.
+    As Keras' ``MaxNorm``: by default (``dim=None``) the norm runs over every dim but the owning
+    layer's output dim (`layout`): 0 for ``nn.Linear``, ``nn.Conv*`` and unknown modules, 1 for
+    ``nn.ConvTranspose*``, the last for layers stored ``(in, out)`` such as transformers'
+    ``Conv1D``; a 1-D parameter is a single unit. ``dim`` names the dims the norm runs over
+    instead. The projection scales units that are too long down to ``max_value`` exactly and
+    leaves the others as they are.
 
     >>> import torch, constrained_optim as co
     >>> w = torch.nn.Parameter(torch.tensor([[6.0, 8.0], [0.6, 0.8]]))
@@ -163,8 +174,8 @@ class MaxNorm(Constraint):
         self.max_value = _radius(max_value, "MaxNorm", "max_value")
         self.dim = dim
 
-    def _bind(self, param, name):
-        dims = _unit_dims(self.dim, param, name, repr(self))
+    def _bind(self, param, name, owner):
+        dims = _unit_dims(self.dim, param, name, repr(self), owner)
         return L2BallBound(self, name, param, dims, self.max_value)
 
     def __repr__(self):
@@ -175,9 +186,9 @@ class MaxNorm(Constraint):
 class UnitNorm(Constraint):
     """Each output unit has L2 norm exactly 1: ``{W : ||W[i]||_2 = 1 for every i}``.
 
-    Units as in `MaxNorm` (``dim=None``: every dim but 0). The projection divides each unit by
-    its norm; a unit that is all zeros (every point of the sphere is equally near) becomes the
-    unit vector with equal entries, ``1 / sqrt(k)`` each, never NaN. Not convex.
+    Units as in `MaxNorm` (``dim=None``: every dim but the owner's output dim). The projection
+    divides each unit by its norm; a unit that is all zeros (every point of the sphere is equally
+    near) becomes the unit vector with equal entries, ``1 / sqrt(k)`` each, never NaN. Not convex.
 
     >>> import torch, constrained_optim as co
     >>> w = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
@@ -191,10 +202,10 @@ class UnitNorm(Constraint):
     def __init__(self, dim=None):
         self.dim = dim
 
-    def _bind(self, param, name):
-        if param.numel() == 0:
+    def _bind(self, param, name, owner):
+        if param.numel() == 0:  # the unit sphere of an empty vector is empty
             raise ConstraintError(f"{describe(name, param)}: {self!r} needs a non-empty parameter")
-        return UnitNormBound(self, name, param, _unit_dims(self.dim, param, name, repr(self)))
+        return UnitNormBound(self, name, param, _unit_dims(self.dim, param, name, repr(self), owner))
 
     def __repr__(self):
         return f"UnitNorm(dim={self.dim})" if self.dim is not None else "UnitNorm()"
@@ -221,7 +232,7 @@ class Simplex(Constraint):
             raise ConstraintError("Simplex: dim must be an int or a tuple of ints, got None")
         self.dim = dim
 
-    def _bind(self, param, name):
+    def _bind(self, param, name, owner):
         if param.dim() == 0:
             raise ConstraintError(f"{describe(name, param)}: {self!r} needs at least 1 dim")
         dims = _dims(self.dim, param, name, repr(self))
@@ -234,9 +245,10 @@ class Simplex(Constraint):
 
 
 # -- bounds ------------------------------------------------------------------------------------------
+# ``dims`` is what one unit spans (None: the whole tensor), which is what ``traits.reduces`` says
 class L2BallBound(Bound):
     def __init__(self, constraint, name, param, dims, radius):
-        super().__init__(constraint, name, param)
+        super().__init__(constraint, name, param, Traits(convex=True, reduces=dims, via_norms=True))
         self.dims, self.radius = dims, radius
 
     def project_(self, x):
@@ -250,7 +262,7 @@ class L2BallBound(Bound):
 
 class UnitNormBound(Bound):
     def __init__(self, constraint, name, param, dims):
-        super().__init__(constraint, name, param)
+        super().__init__(constraint, name, param, Traits(reduces=dims, via_norms=True))
         self.dims = dims
 
     def project_(self, x):
@@ -261,7 +273,7 @@ class RowwiseBound(Bound):
     """A set projected one unit at a time by a sort-based ``rows(v, radius)`` (L1 ball, simplex)."""
 
     def __init__(self, constraint, name, param, dims, radius, rows):
-        super().__init__(constraint, name, param)
+        super().__init__(constraint, name, param, Traits(convex=True, reduces=dims))
         self.dims, self.radius, self.rows = dims, radius, rows
 
     def project_(self, x):

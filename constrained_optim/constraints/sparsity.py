@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConstraintError, describe
-from .base import Bound, Constraint, normalize_dims
+from .base import Bound, Constraint, Traits, normalize_dims
 from .coordinate import MaskBound
+from .layout import input_dim
 
 
 # -- pure maths ---------------------------------------------------------------------------------
@@ -31,10 +32,13 @@ def nm_keep(x: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
 class NMSparsity(Constraint):
     """At most ``n`` non-zeros in every group of ``m`` consecutive entries along ``dim``.
 
+    ``dim=None`` (default) is the owning layer's input dim (`layout`): -1 for ``nn.Linear`` and
+    unknown modules, 1 (input channels) for ``nn.Conv*``, 0 for ``nn.ConvTranspose*`` and for
+    layers stored ``(in, out)`` such as transformers' ``Conv1D``; a given ``dim`` always wins.
     ``fixed=True`` (default) chooses the pattern by magnitude at attach and then behaves exactly
     as a `Mask` with it (gradients and optimizer state are held at zero on pruned entries; the
     pattern is saved with the optimizer's ``state_dict``). ``fixed=False`` keeps the ``n`` largest
-    of every ``m`` at each projection and does not project gradients. The size along ``dim``
+    of every ``m`` at each projection and does not project gradients. The size along the dim
     must be a multiple of ``m``.
 
     >>> import torch, constrained_optim as co
@@ -46,20 +50,21 @@ class NMSparsity(Constraint):
             [ 1.,  1.,  0.,  0.]])
     """
 
-    def __init__(self, n=2, m=4, dim=-1, fixed=True):
+    def __init__(self, n=2, m=4, dim=None, fixed=True):
         for what, v in (("n", n), ("m", m)):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ConstraintError(f"NMSparsity: {what} must be an int, got {v!r}")
         if m < 1 or not 1 <= n <= m:
             raise ConstraintError(f"NMSparsity: needs 1 <= n <= m, got n={n}, m={m}")
-        if not isinstance(dim, int) or isinstance(dim, bool):
-            raise ConstraintError(f"NMSparsity: dim must be an int, got {dim!r}")
+        if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool)):
+            raise ConstraintError(f"NMSparsity: dim must be an int or None, got {dim!r}")
         self.n, self.m, self.dim, self.fixed = n, m, dim, bool(fixed)
 
-    def _bind(self, param, name):
+    def _bind(self, param, name, owner):
         if param.dim() == 0:
             raise ConstraintError(f"{describe(name, param)}: {self!r} needs at least 1 dim")
-        (dim,) = normalize_dims(self.dim, param.dim(), name, param, repr(self))
+        given = input_dim(owner, param) if self.dim is None else self.dim
+        (dim,) = normalize_dims(given, param.dim(), name, param, repr(self))
         if param.shape[dim] % self.m:
             raise ConstraintError(
                 f"{describe(name, param)}: {self!r} groups dim {dim} in runs of {self.m}, but its "
@@ -68,28 +73,43 @@ class NMSparsity(Constraint):
         if self.fixed:
             with torch.no_grad():
                 keep = nm_keep(param.detach(), self.n, self.m, dim)
-            return NMMaskBound(self, name, param, keep)
+            return NMMaskBound(self, name, param, keep, dim)
         return NMBound(self, name, param, dim)
 
     def __repr__(self):
-        dim = f", dim={self.dim}" if self.dim != -1 else ""
+        dim = f", dim={self.dim}" if self.dim is not None else ""
         fixed = "" if self.fixed else ", fixed=False"
         return f"NMSparsity({self.n}:{self.m}{dim}{fixed})"
 
 
+def _per_group(keep: torch.Tensor, n: int, m: int, dim: int) -> bool:
+    """Whether a 0/1 pattern keeps at most ``n`` of every ``m`` along ``dim``."""
+    moved = keep.movedim(dim, -1)
+    groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
+    return bool((groups.sum(-1) <= n).all())
+
+
 class NMMaskBound(MaskBound):
-    """The pattern chosen at attach, held as a `Mask` (a linear set from then on)."""
+    """The pattern chosen at attach, held as a `Mask` (a linear set from then on); checkpoint data
+    must be an N:M pattern along the same dim."""
 
-    linear = True
+    def __init__(self, constraint, name, param, keep, dim):
+        super().__init__(constraint, name, param, keep)
+        self.dim = dim
 
-    def __init__(self, constraint, name, param, keep):
-        Bound.__init__(self, constraint, name, param)
-        self.keep = keep
+    def check_values(self, tensors):
+        ok, reason = super().check_values(tensors)
+        c = self.constraint
+        if ok and not _per_group(tensors["keep"], c.n, c.m, self.dim):
+            return False, f"keep must keep at most {c.n} of every {c.m} along dim {self.dim}"
+        return ok, reason
 
 
 class NMBound(Bound):
+    """The pattern chosen again at every projection; one unit is a group of ``m`` along ``dim``."""
+
     def __init__(self, constraint, name, param, dim):
-        super().__init__(constraint, name, param)
+        super().__init__(constraint, name, param, Traits(exact=True, reduces=(dim,)))
         self.n, self.m, self.dim = constraint.n, constraint.m, dim
 
     def project_(self, x):

@@ -9,23 +9,30 @@ then projected exactly like `Tied`, so tied entries are bitwise equal after ever
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable, Sequence
 
 import torch
 
 from ..errors import ConstraintError, describe
-from .base import Bound, Constraint, normalize_dims, trailing_or_full
+from .base import Bound, Constraint, Partition, Traits, _same, normalize_dims, trailing_or_full
+
+#: every family here: a linear subspace, averaged exactly (except a general group's average)
+TIES = Traits(linear=True, convex=True, projects_grad=True, exact=True, reduces=None)
 
 
 # -- pure maths ---------------------------------------------------------------------------------
-def tied_project_(x, group_ids, counts, n_groups, weights=None) -> None:
-    """Project onto ``{x : x_i = w_i * c_g(i)}`` for one value ``c_g`` per group ``g``.
+def tied_values(x, group_ids, counts, n_groups, weights=None) -> torch.Tensor:
+    """The projection of ``x`` onto ``{x : x_i = w_i * c_g(i)}`` (one value ``c_g`` per group
+    ``g``), as a new tensor shaped like ``x``.
 
     ``x`` is viewed as ``(lead, n)`` with ``group_ids`` of length ``n``; each group of every
     leading row gets its (weighted) mean ``c_g = sum_j w_j x_j / |g|``. With ``weights`` None
     (all ones) this is the plain group mean; weights of ``+-1`` express sign-tied entries and
     ``0`` entries held at zero. Every member of a group receives the same value bitwise.
     """
+    if x.numel() == 0:  # the set of an empty tensor is itself
+        return x.clone()
     n = group_ids.numel()
     flat = x.reshape(-1, n)
     if weights is not None:
@@ -34,7 +41,12 @@ def tied_project_(x, group_ids, counts, n_groups, weights=None) -> None:
     out = sums.div_(counts).index_select(1, group_ids)
     if weights is not None:
         out.mul_(weights)
-    x.copy_(out.view(x.shape))
+    return out.view(x.shape)
+
+
+def tied_project_(x, group_ids, counts, n_groups, weights=None) -> None:
+    """``x <- tied_values(x, ...)``, written back once."""
+    x.copy_(tied_values(x, group_ids, counts, n_groups, weights))
 
 
 def swap_flip(x: torch.Tensor, dims: tuple[int, ...], flip: tuple[int, ...]) -> torch.Tensor:
@@ -46,11 +58,17 @@ def swap_flip(x: torch.Tensor, dims: tuple[int, ...], flip: tuple[int, ...]) -> 
     return x
 
 
+def symmetric_values(x, dims, flip) -> torch.Tensor:
+    """The projection onto ``{x : x = T(x)}``, ``(x + T(x)) / 2``, as a new tensor: bitwise
+    symmetric since ``+`` commutes."""
+    # a contiguous copy of T(x) first: adding a transposed view is several times slower. Out of
+    # place: for a transposed parameter T(x) may be x's own memory
+    return torch.add(x, swap_flip(x, dims, flip).contiguous()).mul_(0.5)
+
+
 def symmetric_project_(x, dims, flip) -> None:
-    """Project onto ``{x : x = T(x)}``: ``x <- (x + T(x)) / 2``, bitwise symmetric since ``+``
-    commutes."""
-    # a contiguous copy of T(x) first: adding a transposed view is several times slower
-    x.add_(swap_flip(x, dims, flip).contiguous()).mul_(0.5)
+    """``x <- (x + T(x)) / 2``, written back once."""
+    x.copy_(symmetric_values(x, dims, flip))
 
 
 # -- Tied ------------------------------------------------------------------------------------------
@@ -81,32 +99,40 @@ class Tied(Constraint):
             raise ConstraintError(f"Tied: labels must be an integer tensor, got {labels.dtype}")
         self.labels = labels
 
-    def _bind(self, param, name):
+    def _bind(self, param, name, owner):
         if trailing_or_full(param.shape, self.labels.shape) < 0:
             raise ConstraintError(
                 f"{describe(name, param)}: Tied labels of shape {tuple(self.labels.shape)} "
                 "must have the parameter's shape or its trailing shape"
             )
         _, group_ids = torch.unique(self.labels.flatten(), return_inverse=True)
-        return TiedBound(self, name, param, group_ids)
+        return TiedBound(self, name, param, group_ids, pattern=tuple(self.labels.shape))
 
     def __repr__(self):
         return f"Tied({int(self.labels.unique().numel())} groups of {self.labels.numel()})"
 
 
 class TiedBound(Bound):
-    projects_grad = True
+    """``{x : x_i = w_i c_group(i)}`` over a pattern of the parameter's trailing shape, repeated
+    over its leading dims (a `Tied` set, or the orbits of a signed-permutation `Invariant`)."""
 
-    def __init__(self, constraint, name, param, group_ids, weights=None):
-        super().__init__(constraint, name, param)
-        n_groups = int(group_ids.max()) + 1 if group_ids.numel() else 0
+    def __init__(self, constraint, name, param, group_ids, weights=None, pattern=None):
+        super().__init__(constraint, name, param, TIES)
+        self.pattern = tuple(param.shape) if pattern is None else pattern
+        self.dtype = param.dtype
         self.group_ids = group_ids.to(param.device)
-        self.n_groups = n_groups
-        sizes = torch.bincount(group_ids, minlength=n_groups)
-        self.counts = sizes.to(device=param.device, dtype=param.dtype)
         self.weights = None if weights is None else weights.to(param.device, param.dtype)
+        self._derive()
+
+    def _derive(self):
+        """What follows from the group ids and weights."""
+        ids = self.group_ids
+        self.n_groups = int(ids.max()) + 1 if ids.numel() else 0
+        self.counts = torch.bincount(ids, minlength=self.n_groups).to(self.dtype)
         # second moments are averaged without signs; entries held at 0 are zeroed
-        self.scale_weights = None if weights is None else self.weights.abs()
+        self.scale_weights = None if self.weights is None else self.weights.abs()
+        held = None if self.weights is None else (self.weights == 0).view(self.pattern)
+        self.held = held if held is not None and bool(held.any()) else None
 
     def project_(self, x):
         tied_project_(x, self.group_ids, self.counts, self.n_groups, self.weights)
@@ -117,22 +143,53 @@ class TiedBound(Bound):
     def project_scale_(self, v):
         tied_project_(v, self.group_ids, self.counts, self.n_groups, self.scale_weights)
 
+    def repair_(self, t):
+        if self.held is not None:  # an orbit reached with both signs is held at 0
+            t.masked_fill_(self.held, 0)
+
+    def partition(self, like):
+        n, p, device = like.numel(), self.group_ids.numel(), like.device
+        lead = torch.arange(n // p if p else 0, device=device).unsqueeze(1) * self.n_groups
+        group = (lead + self.group_ids.unsqueeze(0)).reshape(-1)
+        weight = (torch.ones(p, dtype=torch.float64, device=device) if self.weights is None
+                  else self.weights.double()).repeat(n // p if p else 0)
+        return Partition(group, weight, torch.zeros(n, dtype=torch.float64, device=device))
+
     def state_tensors(self):
         out = {"group_ids": self.group_ids}
         if self.weights is not None:
             out["weights"] = self.weights
         return out
 
-    def load_state_tensors(self, tensors):
-        super().load_state_tensors(tensors)
-        # the group sizes follow from the loaded labels
-        self.n_groups = int(self.group_ids.max()) + 1 if self.group_ids.numel() else 0
-        self.counts = torch.bincount(self.group_ids, minlength=self.n_groups).to(self.counts.dtype)
-        if self.weights is not None:
-            self.scale_weights = self.weights.abs()
+    def check_values(self, tensors):
+        ids = tensors["group_ids"]
+        if ids.numel():
+            if int(ids.min()) < 0 or int(ids.max()) >= ids.numel():
+                return False, f"group_ids must lie in [0, {ids.numel()})"
+            if not bool(torch.bincount(ids).all()):
+                return False, "group_ids must use every id from 0 to the largest"
+        w = tensors.get("weights")
+        if w is not None and not bool(((w == -1) | (w == 0) | (w == 1)).all()):
+            return False, "weights must be -1, 0 or 1"
+        return True, ""
+
+    def _adopt(self, tensors):
+        super()._adopt(tensors)
+        self._derive()
 
 
 # -- Symmetric -------------------------------------------------------------------------------------
+def _dim_tuple(value, what) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError:
+        raise ConstraintError(f"Symmetric: {what} must be an int or a tuple of ints, got {value!r}") from None
+
+
 class Symmetric(Constraint):
     """Invariant under swapping ``dims`` and reversing ``flip``: ``{W : W = T(W)}``.
 
@@ -153,12 +210,13 @@ class Symmetric(Constraint):
     linear = True
 
     def __init__(self, dims=(0, 1), flip=()):
-        if dims is not None and len(tuple(dims)) not in (0, 2):
+        dims = _dim_tuple(dims, "dims")
+        if len(dims) not in (0, 2):
             raise ConstraintError(f"Symmetric: dims must be a pair of dims, got {dims!r}")
-        self.dims = tuple(dims) if dims is not None else ()
-        self.flip = tuple(flip) if flip is not None else ()
+        self.dims = dims
+        self.flip = _dim_tuple(flip, "flip")
 
-    def _bind(self, param, name):
+    def _bind(self, param, name, owner):
         dims = normalize_dims(self.dims, param.dim(), name, param, "Symmetric")
         flip = normalize_dims(self.flip, param.dim(), name, param, "Symmetric flip")
         if dims and param.shape[dims[0]] != param.shape[dims[1]]:
@@ -174,10 +232,8 @@ class Symmetric(Constraint):
 
 
 class SymmetricBound(Bound):
-    projects_grad = True
-
     def __init__(self, constraint, name, param, dims, flip):
-        super().__init__(constraint, name, param)
+        super().__init__(constraint, name, param, TIES)
         self.dims, self.flip = dims, flip
 
     def project_(self, x):
@@ -192,14 +248,21 @@ class SymmetricBound(Bound):
     def project_scale_(self, v):
         symmetric_project_(v, self.dims, self.flip)
 
+    def partition(self, like):
+        n, device = like.numel(), like.device
+        own = torch.arange(n, device=device)
+        partner = swap_flip(own.view(like.shape), self.dims, self.flip).reshape(-1)
+        return Partition(torch.minimum(own, partner), torch.ones(n, dtype=torch.float64, device=device),
+                         torch.zeros(n, dtype=torch.float64, device=device))
+
 
 # -- Invariant -------------------------------------------------------------------------------------
 class Invariant(Constraint):
     """Invariant under a finite group ``G`` of norm-preserving linear maps: ``{W : g(W) = W, g in G}``.
 
     The projection is the group average ``(1/|G|) sum_g g(W)``. ``group`` is a sequence of
-    callables taking and returning a tensor of the parameter's shape; the set must be closed
-    under composition (then it is a group), which attach checks. Maps that permute entries
+    callables taking and returning a floating tensor of the parameter's shape; the set must be
+    closed under composition (then it is a group), which attach checks. Maps that permute entries
     (with signs) are resolved at attach into orbits and projected like `Tied`.
 
     >>> import torch, constrained_optim as co
@@ -227,10 +290,12 @@ class Invariant(Constraint):
         return cls([lambda x, k=k: torch.rot90(x, k, dims) for k in range(4)],
                    name=f"rotations(dims={dims})")
 
-    def _bind(self, param, name):
+    def _bind(self, param, name, owner):
         probe = torch.arange(1, param.numel() + 1, dtype=torch.float64, device=param.device)
         probe = probe.view(param.shape)
         images = [self._apply(g, probe, param, name) for g in self.group]
+        if param.numel() == 0:  # the set of an empty tensor is itself: nothing to project
+            return TiedBound(self, name, param, torch.zeros(0, dtype=torch.long))
         perms = [signed_permutation(img, probe) for img in images]
         if all(p is not None for p in perms) and acts_as(self.group, perms, param):
             group_ids, weights = orbits(perms, describe(name, param))
@@ -249,17 +314,44 @@ class Invariant(Constraint):
                 f"{describe(name, param)}: {self!r} map returned {shape}, "
                 f"expected a tensor of shape {tuple(x.shape)}"
             )
+        if not y.is_floating_point():
+            raise ConstraintError(
+                f"{describe(name, param)}: {self!r} map returned a {y.dtype} tensor for a "
+                f"{x.dtype} one, expected a floating tensor (a linear map keeps the dtype)"
+            )
         return y
+
+    def same_as(self, other) -> bool:
+        # two calls of `rotations()` (or of any function building the maps) make new lambdas
+        return (type(other) is type(self) and self.name == other.name
+                and len(self.group) == len(other.group)
+                and all(same_map(f, g) for f, g in zip(self.group, other.group)))
 
     def __repr__(self):
         return f"Invariant({self.name or f'{len(self.group)} maps'})"
 
 
+def same_map(f, g) -> bool:
+    """Whether two callables are one map: the same object, or functions of the same code object
+    with equal defaults, captured values and globals (a lambda built twice by the same line)."""
+    if f is g:
+        return True
+    if not (isinstance(f, types.FunctionType) and isinstance(g, types.FunctionType)):
+        return False
+    try:
+        cells = [tuple(c.cell_contents for c in fn.__closure__ or ()) for fn in (f, g)]
+    except ValueError:  # a captured variable not assigned yet
+        return False
+    return (f.__code__ is g.__code__ and f.__globals__ is g.__globals__
+            and _same(f.__defaults__, g.__defaults__) and _same(f.__kwdefaults__, g.__kwdefaults__)
+            and _same(cells[0], cells[1]))
+
+
 class GroupAverageBound(Bound):
-    projects_grad = True
+    """The average over a general finite group of norm-preserving linear maps."""
 
     def __init__(self, constraint, name, param):
-        super().__init__(constraint, name, param)
+        super().__init__(constraint, name, param, Traits(linear=True, convex=True, projects_grad=True))
         self.group = constraint.group
 
     def project_(self, x):

@@ -1,0 +1,135 @@
+"""Watchers of the step: they look at the tensors around the one projection, never project.
+
+The engine projects gradients and parameters in exactly one place each; around each group's
+projection it calls a watcher's ``before_*`` and ``after_*``:
+
+- `FiniteWatch` (unaudited steps) keeps each parameter's norm after projection, so a NaN or inf
+  is found with one batched reduction and one host read per step;
+- `AuditWatch` (audited steps) measures, on the real tensors, ``||g||`` and ``||g - P_T(g)||``
+  around the gradient projection, ``||x - P(x)||`` and ``max |x - P(x)|`` around the parameter
+  projection (from the family's cheap gap where ``traits.cheap_gap``, else from a copy taken
+  before it), the residual after it and ``||x||``. Every number stays a 0-d tensor until
+  ``finish`` reads the whole step with one device-to-host copy per device.
+
+Either way the projections are the same calls with the same arguments, so auditing cannot
+change training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..binding import Group
+from .measure import Scratch, all_finite, fetch, norms
+
+
+class FiniteWatch:
+    """Unaudited steps: the parameters' norms after projection, for the non-finite check."""
+
+    audited = False
+
+    def __init__(self, scratch: Scratch | None = None):
+        self._norms: list[torch.Tensor] = []
+
+    def before_grads(self, bounds, grads, params):
+        return None
+
+    def after_grads(self, bounds, grads, token) -> None:
+        pass
+
+    def before_params(self, group: Group):
+        return None
+
+    def after_params(self, group: Group, token) -> None:
+        if group.params:
+            self._norms += norms(group.params)[0]
+
+    def nonfinite(self) -> list[int] | None:
+        """Positions (in group order) of parameters holding NaN or inf, or None if all finite."""
+        if not self._norms or all_finite(self._norms):
+            return None
+        rows = fetch([self._norms])
+        return [i for i, (n,) in enumerate(rows) if not math.isfinite(n)]
+
+
+class AuditWatch(FiniteWatch):
+    """Audited steps: drift, residual and the share of each gradient blocked."""
+
+    audited = True
+
+    def __init__(self, scratch: Scratch):
+        super().__init__()
+        self.scratch = scratch
+        self._blocked: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(bound) -> (removed, total)
+        self._drift: list[torch.Tensor] = []
+        self._drift_max: list[torch.Tensor] = []
+        self._residual: list[torch.Tensor] = []
+
+    # -- gradients ---------------------------------------------------------------------------------
+    def before_grads(self, bounds, grads, params):
+        if bounds and bounds[0].traits.cheap_grad_gap:
+            # each gradient's norm, then its removed part while it is still in cache
+            both, _ = norms(_pairs(grads, lambda i, g: bounds[i].grad_gap_entries(g, params[i],
+                                                                                  self.scratch.like(g))))
+            return both[0::2], both[1::2], None
+        total, _ = norms(grads)
+        return total, None, [g.clone() for g in grads]
+
+    def after_grads(self, bounds, grads, token) -> None:
+        total, removed, before = token
+        if before is not None:
+            torch._foreach_sub_(before, grads)
+            removed, _ = norms(_drain(before))
+        for b, r, t in zip(bounds, removed, total):
+            self._blocked[id(b)] = (r, t)
+
+    # -- parameters ----------------------------------------------------------------------------------
+    def before_params(self, group: Group):
+        if group.bounds and group.bounds[0].traits.cheap_gap:
+            return norms((b.gap_entries(p, self.scratch.like(p)) for b, p in zip(group.bounds, group.params)),
+                         with_max=True), None
+        return None, [p.clone() for p in group.params]
+
+    def after_params(self, group: Group, token) -> None:
+        measured, before = token
+        if before is not None:
+            torch._foreach_sub_(before, group.params)
+            measured = norms(_drain(before), with_max=True)
+        drift, drift_max = measured
+        self._drift += drift
+        self._drift_max += drift_max
+        both, _ = norms(_pairs(group.params, lambda i, p: group.bounds[i].residual(p, self.scratch.like(p))))
+        self._norms += both[0::2]
+        self._residual += both[1::2]
+
+    def rows(self, bounds) -> list[tuple[float, float, float, float, float]]:
+        """``(drift, drift_max, residual, grad_blocked, ||x||)`` per bound in group order, read with
+        one host copy per device."""
+        nan = {}
+        removed, total = [], []
+        for b, d in zip(bounds, self._drift):
+            pair = self._blocked.get(id(b))
+            if pair is None:
+                if d.device not in nan:
+                    nan[d.device] = torch.full((), math.nan, device=d.device)
+                pair = (nan[d.device], nan[d.device])
+            removed.append(pair[0])
+            total.append(pair[1])
+        rows = fetch([self._drift, self._drift_max, self._residual, removed, total, self._norms])
+        return [(d, dm, r, rm / t if t > 0 else math.nan, n) for d, dm, r, rm, t, n in rows]
+
+
+def _pairs(tensors, second):
+    """``t_0, second(0, t_0), t_1, second(1, t_1), ...``: each pair read while in cache."""
+    for i, t in enumerate(tensors):
+        yield t
+        yield second(i, t)
+
+
+def _drain(items: list):
+    """Yield and drop the items of a list, so each is freed once it has been read."""
+    items.reverse()
+    while items:
+        yield items.pop()

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Build the documentation; fails on any warning (broken reference, bad reST, an undocumented
+# public name). Run from anywhere; uses the repository's .venv unless PYTHON is set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-.venv/bin/python}"
+# -E: a fresh environment every time, so warnings of pages unchanged since the last build are
+# reported again (an incremental build would silently pass them)
+exec "$PYTHON" -m sphinx -E -W --keep-going -b html docs docs/_build/html "$@"
