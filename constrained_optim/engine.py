@@ -5,8 +5,10 @@ project params (watched, always, even if the inner step raised) -> count -> audi
 -> log -> policy``.
 
 - binding (`binding.Binding`): which bound constrains which parameter, grouped once;
-- the step (`run_step`): gradient projection and parameter projection each happen in exactly one
-  place (`_project_grads`, `_project_params`); watchers (`audit.watch`) only look;
+- attach-time work (`attaching`): targets resolved, bounds built, projections computed on copies;
+- the step (`run_step`, with `stepping`): gradient projection and parameter projection each
+  happen in exactly one place (`stepping.project_grads`, `stepping.project_params`); watchers
+  (`audit.watch`) only look;
 - the violation policy (`policy.ViolationPolicy`): tolerance, non-finite values, warn/raise/ignore;
 - checkpoints (`checkpoint`): the constraints' part, validated whole before anything loads.
 
@@ -19,24 +21,23 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import weakref
 
 import torch
 from torch import nn
 
 from . import checkpoint
+from .attaching import module_writes, projection_writes, rebound_after_casts, resolve
 from .audit import Audit
 from .audit.measure import Scratch
 from .audit.watch import AuditWatch, FiniteWatch
 from .binding import Binding
 from .constraints.base import Bound, Constraint
-from .constraints.composite import Intersection, intersect_bounds
-from .distributed import FullView, full, local, local_part, write_back_
-from .errors import ConstraintError, ConstraintViolation, describe
+from .distributed import FullView, full
+from .errors import ConstraintError, ConstraintViolation
 from .policy import ViolationPolicy, default_atol
 from .selection import ParamIndex, select
-from .state import projected_state, restarted_history
+from .stepping import NoWatch, is_initialisation_step, project_grads, project_params, repair
 from .transaction import deferred_interrupts
 
 log = logging.getLogger("constrained_optim")
@@ -90,10 +91,10 @@ class ConstraintEngine:
 
     def attach_all(self, items) -> ConstraintEngine:
         """`attach` for each ``(target, constraint)``, all or nothing."""
-        new, owners = self._resolve(items)
+        new, owners = resolve(items, self.binding, self.model, self.optimizer)
         if not new:
             return self
-        writes, lbfgs = self._projected(new)
+        writes, lbfgs = projection_writes(new, self.optimizer)
         dsts = [d for d, _ in writes]
         srcs = [s for _, s in writes]
         binding = self.binding.replaced(new, owners)
@@ -107,57 +108,6 @@ class ConstraintEngine:
                 state.update(fresh)
             self.binding, self._full_view = binding, view
         return self
-
-    def _resolve(self, items) -> tuple[dict, dict]:
-        """The new bound of every parameter the items name (intersected with what it already
-        has); raises `ConstraintError` before anything changes."""
-        if items and isinstance(self.optimizer, torch.optim.SparseAdam):
-            raise ConstraintError(
-                "SparseAdam takes sparse gradients only, and a gradient projected onto a "
-                "constraint's tangent space is dense; use Adam or SGD for constrained parameters"
-            )
-        index = ParamIndex(self.model, self.optimizer)
-        held = {p for group in self.optimizer.param_groups for p in group["params"]}
-        new: dict[nn.Parameter, Bound] = {}
-        owners: dict[nn.Parameter, nn.Module | None] = {}
-        for target, constraint in items:
-            if not isinstance(constraint, Constraint):
-                raise ConstraintError(
-                    f"attach({target!r}, ...) needs a constraint such as co.Mask(...), "
-                    f"got {type(constraint).__name__}"
-                )
-            for match in select(target, index):
-                param = match.param
-                if param not in held:
-                    raise ConstraintError(
-                        f"{describe(match.name, param)} is not held by the wrapped "
-                        f"{type(self.optimizer).__name__}; add it with add_param_group first"
-                    )
-                earlier = new.get(param, self.binding.bounds.get(param))
-                if earlier is not None and holds(earlier.constraint, constraint):
-                    continue  # the same constraint again: the same set, the same cost
-                bound = constraint.bind(full(param), match.name, match.owner)
-                new[param] = bound if earlier is None else intersect_bounds(earlier, bound, full(param),
-                                                                            match.name)
-                owners[param] = match.owner
-        return new, owners
-
-    @torch.no_grad()
-    def _projected(self, new: dict[nn.Parameter, Bound]):
-        """``(destination, value)`` pairs that project each parameter and the optimizer state
-        held for it, computed on copies; and LBFGS states to restart."""
-        writes = []
-        for param, bound in new.items():
-            x = full(param).detach().clone()
-            bound.project_(x)
-            writes.append((local(param), local_part(param, x)))
-            state = self.optimizer.state.get(param, {})
-            whole = {k: full(v) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
-            for key, value in projected_state(bound, whole, x).items():
-                writes.append((local(state[key]), local_part(state[key], value)))
-        lbfgs = [(s, fresh) for s in self.optimizer.state.values()
-                 if (fresh := restarted_history(self.optimizer, s)) is not None]
-        return writes, lbfgs
 
     def detach(self, target) -> ConstraintEngine:
         """Remove every constraint from the parameters ``target`` names."""
@@ -180,7 +130,7 @@ class ConstraintEngine:
         every parameter is projected back, in a ``finally``, so even an exception from the inner
         step leaves every constrained parameter on its set. ``steps_taken`` counts inner steps
         that completed (and that ``skipped()``, a GradScaler's verdict, does not disown)."""
-        if self._is_initialisation_step():
+        if is_initialisation_step(self.optimizer):
             return call(closure)
         self._follow_casts()
         watch = AuditWatch(self._scratch) if self._audit_due() else FiniteWatch()
@@ -202,47 +152,13 @@ class ConstraintEngine:
             self._after_inner_step(watch, done)
         return loss
 
-    @torch.no_grad()
     def _project_grads(self, watch) -> None:
-        """The one place gradients are projected onto the tangent spaces."""
         with self._full_view.gathered(self.binding.groups, grads=True, grads_back=True) as groups:
-            for group in groups:
-                if not group.projects_grad:
-                    continue
-                have = [(b, p) for b, p in zip(group.bounds, group.params) if p.grad is not None]
-                if not have:
-                    continue
-                bounds, params = [b for b, _ in have], [p for _, p in have]
-                for p in params:
-                    if p.grad.is_sparse:  # nn.Embedding(sparse=True): a projected gradient is dense
-                        p.grad = p.grad.to_dense()
-                grads = [p.grad for p in params]
-                token = watch.before_grads(bounds, grads, params)
-                group.kind.project_grad_all_(bounds, grads, params)
-                watch.after_grads(bounds, grads, token)
+            project_grads(groups, watch)
 
-    @torch.no_grad()
     def _project_params(self, watch) -> BaseException | None:
-        """The one place parameters are projected onto their sets. Every group is projected even
-        if another fails (a projection is idempotent, so a group interrupted mid-way is projected
-        again); returns the first exception instead of raising it."""
-        first = None
         with self._full_view.gathered(self.binding.groups, params_back=True) as groups:
-            for group in groups:
-                projected = False
-                try:
-                    token = watch.before_params(group)
-                    group.kind.project_all_(group.bounds, group.params)
-                    projected = True
-                    watch.after_params(group, token)
-                except BaseException as err:  # noqa: BLE001 - re-raised by the caller
-                    first = first or err
-                    if not projected:
-                        try:
-                            group.kind.project_all_(group.bounds, group.params)
-                        except BaseException:  # noqa: BLE001 - the first error is the one reported
-                            pass
-        return first
+            return project_params(groups, watch)
 
     def _after_inner_step(self, watch, done: bool) -> None:
         with deferred_interrupts():
@@ -267,7 +183,7 @@ class ConstraintEngine:
         else:
             bad = watch.nonfinite() or []
         if bad:
-            self._repair(bad)
+            repair(binding, self.optimizer, bad)
         self._log()
         if bad:
             self.audit.note_nonfinite(step, [binding.names[i] for i in bad], [binding.labels[i] for i in bad])
@@ -275,58 +191,14 @@ class ConstraintEngine:
         if records is not None:
             self.policy.residuals(step, records, binding.params, norms)
 
-    @torch.no_grad()
-    def _repair(self, positions: list[int]) -> None:
-        """Held entries of a parameter that went non-finite are put back exactly (a multiply by a
-        0/1 mask leaves ``inf * 0 = NaN`` there), in the parameter and its optimizer state."""
-        binding = self.binding
-        for i in positions:
-            param, bound = binding.params[i], binding.ordered[i]
-            x = full(param)
-            bound.repair_(x)
-            bound.project_(x)
-            write_back_(param, x)
-            for value in self.optimizer.state.get(param, {}).values():
-                if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                    whole = full(value)
-                    bound.repair_(whole)
-                    write_back_(value, whole)
-
-    def _is_initialisation_step(self) -> bool:
-        """torch's lr=0 step that creates optimizer state (``torch.distributed.checkpoint``'s
-        ``get_state_dict`` on a fresh optimizer calls ``_init_optim_state``). It moves nothing,
-        so it is neither counted, audited nor projected. Told apart by its caller, looked up only
-        in the rare case it could be (no state yet, every lr 0)."""
-        opt = self.optimizer
-        if opt.state or not all("lr" in g and float(g["lr"]) == 0.0 for g in opt.param_groups):
-            return False
-        frame = sys._getframe(1)
-        for _ in range(16):
-            if frame is None:
-                return False
-            if frame.f_code.co_name == "_init_optim_state" and \
-                    frame.f_globals.get("__name__") == "torch.distributed.checkpoint.state_dict":
-                return True
-            frame = frame.f_back
-        return False
-
     def _audit_due(self) -> bool:
         return self.audit_every > 0 and (self.steps_taken + 1) % self.audit_every == 0
 
     def _follow_casts(self) -> None:
-        """Rebind the bounds of parameters cast or moved since attach (``model.to(...)``), keeping
-        their data (a pattern chosen at attach stays the one chosen)."""
-        stale = self.binding.stale()
-        if not stale:
-            return
-        changes = {}
-        for param in stale:
-            old = self.binding.bounds[param]
-            fresh = old.constraint.bind(full(param), old.name, self.binding.owners.get(param))
-            target = fresh.state_tensors()
-            changes[param] = fresh if reproduces(fresh, old) else fresh.with_state(
-                {k: v.to(device=target[k].device, dtype=target[k].dtype) for k, v in old.state_tensors().items()})
-        self._bind(self.binding.replaced(changes))
+        """Rebind the bounds of parameters cast or moved since attach (``model.to(...)``)."""
+        changes = rebound_after_casts(self.binding)
+        if changes:
+            self._bind(self.binding.replaced(changes))
 
     def _log(self) -> None:
         """Every ``log_every`` steps, the latest audited step as one INFO block. Logging never
@@ -347,7 +219,7 @@ class ConstraintEngine:
         """Project every constrained parameter onto its set now (a collective when parameters
         are sharded: call it on every rank)."""
         with deferred_interrupts():
-            error = self._project_params(_NoWatch())
+            error = self._project_params(NoWatch())
         if error is not None:
             raise error
 
@@ -386,64 +258,13 @@ class ConstraintEngine:
         self.commit_load(self.plan_load(state))
 
     # -- copies of the model -----------------------------------------------------------------------
-    @torch.no_grad()
     def project_module_(self, module: nn.Module) -> None:
         """Project the parameters of another module with the same names (an averaged or EMA
         copy, a re-loaded model) onto the attached sets; all or nothing."""
-        index = ParamIndex(module, None)
-        plan, problems = [], []
-        for param, bound in self.binding.bounds.items():
-            target = index.lookup(bound.name)
-            if target is None:
-                found = [t for n, t in index.names.items() if n.endswith("." + bound.name)]
-                target = found[0] if len(found) == 1 else None
-                if target is None:
-                    problems.append(f"{bound.name}: {'no' if not found else len(found)} parameters of that name")
-                    continue
-            if tuple(target.shape) != bound.shape:
-                problems.append(f"{bound.name}: shape {tuple(target.shape)}, expected {bound.shape}")
-            else:
-                plan.append((bound, param, target))
-        if problems:
-            raise ConstraintError(
-                f"project_module_({type(module).__name__}): nothing was projected:\n  " + "\n  ".join(problems)
-            )
-        writes = []
-        for bound, param, target in plan:
-            whole = full(target)
-            moved = whole.detach().to(device=local(param).device, dtype=param.dtype, copy=True)
-            bound.project_(moved)
-            writes.append((local(target), local_part(target, moved.to(whole.dtype))))
-        with deferred_interrupts():
+        writes = module_writes(self.binding, module)
+        with deferred_interrupts(), torch.no_grad():
             if writes:
-                torch._foreach_copy_([d for d, _ in writes], [s for _, s in writes])
-
-
-def reproduces(fresh: Bound, old: Bound) -> bool:
-    """Whether binding afresh gave back ``old``'s data (derived data, such as an orthonormalised
-    basis, is then kept at the new precision); data chosen at attach or loaded from a checkpoint
-    (an N:M pattern) differs, and is carried over instead."""
-    mine, theirs = fresh.state_tensors(), old.state_tensors()
-    return mine.keys() == theirs.keys() and all(
-        mine[k].shape == v.shape and torch.equal(mine[k].to(device=v.device, dtype=v.dtype), v)
-        for k, v in theirs.items())
-
-
-class _NoWatch:
-    """A watcher that looks at nothing (`ConstraintEngine.project_`)."""
-
-    def before_params(self, group):
-        return None
-
-    def after_params(self, group, token) -> None:
-        pass
-
-
-def holds(have: Constraint, new: Constraint) -> bool:
-    """Whether the set ``have`` already includes every member of ``new`` (the same constraints)."""
-    mine = have.constraints if isinstance(have, Intersection) else [have]
-    theirs = new.constraints if isinstance(new, Intersection) else [new]
-    return all(any(m.same_as(t) for m in mine) for t in theirs)
+                torch._foreach_copy_([d for d, _ in writes], [v for _, v in writes])
 
 
 def _mark_completed_steps(optimizer, engine: ConstraintEngine):
