@@ -4,8 +4,10 @@ Two ways to train with constraints under ``transformers.Trainer``:
 
 - pass the optimizer: ``Trainer(..., optimizers=(co.ConstrainedOptimizer(AdamW(...), model,
   {...}), None))``;
-- or let the Trainer build its own and constrain it when training begins, from a callback:
-  ``co.constrain(kwargs["optimizer"], model, {...})`` in ``on_train_begin``.
+- or let the Trainer build its own and constrain it as it is built:
+  ``constrain_trainer(trainer, {...})``, which also resumes the constraints' state from a
+  checkpoint's ``optimizer.pt`` (the Trainer loads that before any callback's
+  ``on_train_begin``, so a handle made there would start its step count and audit afresh).
 
 `AuditCallback` adds the latest audited step's figures to the Trainer's logs, the same names as
 `constrained_optim.lightning.AuditCallback`: ``constraints/<name>/drift``, ``.../residual``,
@@ -42,7 +44,7 @@ from transformers import TrainerCallback
 
 from .errors import ConstraintError
 
-__all__ = ["AuditCallback"]
+__all__ = ["AuditCallback", "constrain_trainer"]
 
 METRICS = ("drift", "drift_max", "residual", "grad_blocked")
 
@@ -148,3 +150,29 @@ class AuditCallback(TrainerCallback):
         history = state.log_history
         if history and history[-1].get("step") == state.global_step and before <= set(history[-1]):
             history[-1].update({k: v for k, v in logs.items() if k not in before})
+
+
+def constrain_trainer(trainer, constraints: dict, **options) -> AuditCallback:
+    """Constrain the optimizer ``trainer`` builds, as soon as it builds it, and report its audit.
+
+    The Trainer's ``create_optimizer`` is wrapped on the instance: the optimizer it returns is
+    given to `constrain` with ``trainer.model`` and ``constraints`` (``options``: `constrain`'s
+    keyword arguments). That happens before ``train(resume_from_checkpoint=...)`` loads the
+    checkpoint's ``optimizer.pt`` into it, so the step count, the audit and data chosen at
+    attach (an N:M pattern) resume too. Returns the `AuditCallback`, installed ahead of the
+    Trainer's reporting callbacks; ``callback.sources[0]`` is the handle once built.
+    """
+    from .engine import engine_of
+    from .hooks import constrain, stepping_optimizer
+
+    callback = AuditCallback()
+    build = trainer.create_optimizer
+
+    def create_optimizer(*args, **kwargs):
+        optimizer = build(*args, **kwargs)
+        if engine_of(stepping_optimizer(optimizer)) is None:  # built once, constrained once
+            callback.sources.append(constrain(optimizer, trainer.model, constraints, **options))
+        return optimizer
+
+    trainer.create_optimizer = create_optimizer
+    return callback.add_to(trainer)

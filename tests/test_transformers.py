@@ -18,7 +18,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback,
                           TrainingArguments)
 
 import constrained_optim as co  # noqa: E402
-from constrained_optim.transformers import AuditCallback  # noqa: E402
+from constrained_optim.transformers import AuditCallback, constrain_trainer  # noqa: E402
 
 TARGET = re.compile(r"transformer\.h\.\d+\.(attn|mlp)\.c_\w+\.weight")
 TARGETED = [f"transformer.h.{i}.{m}.weight" for i in range(2)
@@ -101,6 +101,15 @@ def recipe_hooked(out):
     return trainer, model, recorder, lambda: constrain.handle
 
 
+def recipe_trainer_built(out):
+    """Recipe (c): the Trainer's own AdamW, constrained as the Trainer builds it."""
+    model = gpt2()
+    recorder = Recorder()
+    trainer = Trainer(model=model, args=arguments(out), train_dataset=Tokens(), callbacks=[recorder])
+    audit = constrain_trainer(trainer, {TARGET: co.NMSparsity(2, 4)})
+    return trainer, model, recorder, lambda: audit.sources[0]
+
+
 def assert_two_of_four_along_the_input_dim(model):
     params = dict(model.named_parameters())
     for name in TARGETED:
@@ -133,7 +142,8 @@ def assert_audit_in_log_history(trainer, recorder, first_step=1):
         assert {k: v for k, v in logged.items() if k != "step"} == entry
 
 
-@pytest.mark.parametrize("recipe", [recipe_wrapped, recipe_hooked], ids=["wrapped", "constrain"])
+@pytest.mark.parametrize("recipe", [recipe_wrapped, recipe_hooked, recipe_trainer_built],
+                         ids=["wrapped", "constrain", "constrain_trainer"])
 def test_trainer_keeps_2_4_sparsity_logs_the_audit_and_resumes_exactly(tmp_path, recipe):
     trainer, model, recorder, engine = recipe(tmp_path / "full")
     trainer.train()
@@ -153,8 +163,9 @@ def test_trainer_keeps_2_4_sparsity_logs_the_audit_and_resumes_exactly(tmp_path,
     assert different == [], f"resumed run differs from the uninterrupted one in {different}"
     assert_two_of_four_along_the_input_dim(model2)
     assert_audit_in_log_history(resumed, recorder2, first_step=SAVE_AT + 1)
-    if recipe is recipe_wrapped:  # its state_dict carries the step count (and the audit)
+    if recipe is not recipe_hooked:  # the optimizer's state_dict carried the step count and audit
         assert engine2().steps_taken == STEPS
+        assert sorted({r.step for r in engine2().audit.history}) == list(range(1, STEPS + 1))
 
 
 # -- the callback alone ------------------------------------------------------------------------------
