@@ -50,7 +50,7 @@ NEWTON_MAX_ITER = 8
 def polar_near(w: torch.Tensor) -> torch.Tensor | None:
     """The polar factor of ``w`` by ``X <- X - (X X^T - I) X / 2`` (Newton-Schulz: ``1.5 X - 0.5 X
     X^T X``), which keeps the singular vectors and drives every singular value to 1, until
-    ``|X X^T - I|_max`` is within `on_stiefel`'s limit; None (use the SVD) when ``w`` is too far
+    ``|X X^T - I|_max`` is within `on_stiefel`'s limit, then once more; None (use the SVD) when ``w`` is too far
     from the manifold or the iteration has not converged. The Gram matrix is of the smaller side;
     each iteration is two matrix products and one host read."""
     if w.numel() == 0 or not w.is_floating_point():
@@ -64,7 +64,8 @@ def polar_near(w: torch.Tensor) -> torch.Tensor | None:
         if it == 0 and not bool(e.abs().sum(1).max() < NEWTON_START):  # NaN: not near
             return None
         if bool(e.abs().max() <= limit):
-            return x
+            # converged: one more correction takes it from the limit to rounding (quadratically)
+            return x - (e @ x if rows else x @ e).mul_(0.5)
         if it == NEWTON_MAX_ITER:
             return None
         x = x - (e @ x if rows else x @ e).mul_(0.5)
