@@ -201,6 +201,76 @@ def test_large_non_commuting_linear_sets_alternate_to_tolerance(monkeypatch):
     np.testing.assert_allclose(projected(bound, x).numpy().reshape(-1), reference @ x.numpy().reshape(-1), atol=1e-12)
 
 
+# -- a ball or sphere with cones: one exact pass ------------------------------------------------------
+def _conv_centre():
+    held = torch.zeros(4, 3, 3, 3, dtype=torch.bool)
+    held[..., 1, 1] = True
+    return held
+
+
+CONE_CASES = [
+    ("maxnorm-fixed0", lambda: co.MaxNorm(0.7) & co.Fixed((..., 1, 1), 0.0), (4, 3, 3, 3)),
+    ("fixed0-maxnorm", lambda: co.Fixed((..., 1, 1), 0.0) & co.MaxNorm(0.7), (4, 3, 3, 3)),
+    ("maxnorm-mask", lambda: co.MaxNorm(0.5) & co.Mask(torch.rand(5, 6, generator=torch.Generator().manual_seed(1)) > 0.4), (5, 6)),
+    ("ball-nonneg", lambda: co.NormBall(1.0) & co.NonNegative(), (7,)),
+    ("ball-nonneg-mask", lambda: co.NormBall(0.8, dim=1) & co.NonNegative() & co.Mask(torch.tensor([True, False, True, True])), (3, 4)),
+    ("maxnorm-fixed-mask", lambda: co.MaxNorm(0.3) & co.Mask(torch.tensor([True, True, False, True])) & co.Fixed((..., 0), 0.0), (3, 4)),
+]
+
+
+def _dykstra_reference(bound, x):
+    """Dykstra's algorithm run to convergence on the same members, one block each."""
+    blocks = [InTurn([m]) for m in bound.members]
+    y = x.clone()
+    composite.dykstra_(y, blocks, max_iter=20000, tol=1e-15)
+    return y
+
+
+@pytest.mark.parametrize("name, make, shape", CONE_CASES, ids=[c[0] for c in CONE_CASES])
+def test_a_ball_with_cones_is_one_pass_and_dykstras_limit(name, make, shape):
+    bound = bound_of(make(), shape)
+    assert bound.one_pass and isinstance(bound.blocks[0], composite.ConeThenScale)
+    gen = torch.Generator().manual_seed(0)
+    for scale in (0.05, 3.0):
+        x = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+        y = projected(bound, x)
+        torch.testing.assert_close(y, _dykstra_reference(bound, x), rtol=0, atol=1e-10)
+        for m in bound.members:  # on every member set; held zeros and signs exactly
+            if m.traits.elementwise:
+                assert torch.equal(projected(m, y), y)
+        assert float(torch.linalg.vector_norm(bound.residual(y))) < 1e-12
+
+
+def test_a_ball_with_a_mask_matches_brute_force():
+    mask = torch.tensor([True, False, True, True, False])
+    bound = bound_of(co.NormBall(1.0) & co.Mask(mask), (5,))
+    x = torch.tensor([2.0, 5.0, -1.0, 0.5, 3.0], dtype=torch.float64)
+    ref = nearest_by_qp(x.numpy(), [
+        {"type": "ineq", "fun": lambda v: 1 - (v**2).sum(), "jac": lambda v: -2 * v},
+        {"type": "eq", "fun": lambda v: v[~mask.numpy()], "jac": lambda v: np.eye(5)[~mask.numpy()]},
+    ])
+    np.testing.assert_allclose(projected(bound, x).numpy(), ref, atol=1e-6)
+
+
+def test_unit_norm_with_a_mask_is_one_pass_and_fills_zero_units_on_free_entries():
+    mask = torch.tensor([[True, False, True, True], [False, True, True, False], [True, True, False, False]])
+    bound = bound_of(co.UnitNorm() & co.Mask(mask), (3, 4), torch.float32)
+    assert bound.one_pass and isinstance(bound.blocks[0], composite.ConeThenScale)
+    x = torch.randn(3, 4)
+    x[1] = x[1] * (~mask[1])  # only held entries: every free point of the sphere is as near
+    y = projected(bound, x)
+    assert bool((y[~mask] == 0).all())
+    torch.testing.assert_close(y.norm(dim=1), torch.ones(3))
+    torch.testing.assert_close(y[0], (x[0] * mask[0]) / (x[0] * mask[0]).norm())
+    torch.testing.assert_close(y[1], mask[1].float() / 2 ** 0.5)
+
+
+def test_a_box_that_is_no_cone_or_a_sphere_with_signs_goes_to_dykstra():
+    assert not bound_of(co.MaxNorm(1.0) & co.Box(-0.2, 0.9), (3, 4)).one_pass
+    assert not bound_of(co.MaxNorm(1.0) & co.Fixed((..., 0), 0.5), (3, 4)).one_pass
+    assert not bound_of(co.UnitNorm() & co.NonNegative(), (3, 4)).one_pass
+
+
 # -- Dykstra ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", range(4))
 def test_dykstra_finds_the_nearest_point_of_a_ball_and_a_box(seed):

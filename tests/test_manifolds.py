@@ -192,3 +192,37 @@ def test_low_rank_trains_a_conv_weight_within_its_rank():
         opt.step()
         s = torch.linalg.svdvals(model.weight.detach().reshape(6, -1))
         assert float(s[2:].max()) < 1e-5 * float(s[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(64, 64), (32, 96), (96, 32)])
+def test_newton_schulz_polar_from_a_near_point_is_the_svd_polar_factor(shape, dtype):
+    from constrained_optim.constraints import manifolds
+
+    gen = torch.Generator().manual_seed(0)
+    q = manifolds.polar_factor(torch.randn(shape, generator=gen, dtype=dtype))
+    for size in (1e-6, 1e-4, 2e-3):
+        w = q + size * torch.randn(shape, generator=gen, dtype=dtype)
+        near = manifolds.polar_near(w)
+        assert near is not None and manifolds.on_stiefel(near)
+        u, _, vh = torch.linalg.svd(w, full_matrices=False)
+        tol = 50 * torch.finfo(dtype).eps * max(shape) ** 0.5
+        torch.testing.assert_close(near, u @ vh, rtol=0, atol=tol)
+
+
+def test_polar_falls_back_to_the_svd_far_from_the_manifold_or_unconverged(monkeypatch):
+    from constrained_optim.constraints import manifolds
+
+    gen = torch.Generator().manual_seed(1)
+    far = torch.randn(20, 30, generator=gen, dtype=torch.float64)
+    assert manifolds.polar_near(far) is None
+    u, _, vh = torch.linalg.svd(far, full_matrices=False)
+    torch.testing.assert_close(manifolds.polar_factor(far), u @ vh)
+    near = manifolds.polar_factor(far) + 1e-3 * torch.randn(20, 30, generator=gen, dtype=torch.float64)
+    monkeypatch.setattr(manifolds, "NEWTON_MAX_ITER", 1)  # not enough from 1e-3
+    assert manifolds.polar_near(near) is None
+    u, _, vh = torch.linalg.svd(near, full_matrices=False)
+    torch.testing.assert_close(manifolds.polar_factor(near), u @ vh)
+    nan = near.clone()
+    nan[0, 0] = float("nan")
+    assert manifolds.polar_near(nan) is None

@@ -111,3 +111,47 @@ def test_bad_arguments_and_shapes_raise_naming_the_parameter():
         opt.attach("weight", co.NMSparsity(2, 4))
     with pytest.raises(co.ConstraintError, match=r"dim 2 is out of range"):
         opt.attach("weight", co.NMSparsity(1, 3, dim=2))
+
+
+def _sorted_keep(x, n, m, dim):
+    """The reference: a stable descending sort's first n of every group."""
+    moved = x.movedim(dim, -1)
+    groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m).abs()
+    order = groups.sort(dim=-1, descending=True, stable=True).indices[..., :n]
+    keep = torch.zeros(groups.shape, dtype=torch.uint8).scatter_(-1, order, 1)
+    return keep.view(moved.shape).movedim(-1, dim).contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n, m", [(1, 2), (2, 4), (1, 4), (3, 4), (4, 8), (2, 16)])
+def test_rank_keep_equals_the_stable_sort_with_ties_zeros_and_non_finite(n, m, dtype):
+    from constrained_optim.constraints.sparsity import nm_keep
+
+    gen = torch.Generator().manual_seed(n * 100 + m)
+    x = torch.randn(6, 32, 3, generator=gen, dtype=dtype)
+    flat = x.view(-1)
+    flat[::7] = flat[1::7]  # ties
+    flat[::5] = -flat[::5].abs()  # equal magnitudes of opposite signs
+    flat[::11] = 0.0
+    flat[2::13] = -0.0
+    flat[3::17] = float("inf")
+    flat[4::19] = float("nan")
+    for dim in (1,):
+        assert torch.equal(nm_keep(x, n, m, dim), _sorted_keep(x, n, m, dim))
+    y = x.permute(1, 0, 2).contiguous()
+    assert torch.equal(nm_keep(y, n, m, 0), _sorted_keep(y, n, m, 0))
+
+
+def test_rank_keep_matches_brute_force_over_every_tie_pattern():
+    """Every 2:4 group of values from {0, 1, -1, 2} (every tie pattern, signs included): the kept
+    pair is the first two indices ordered by (-|x|, index)."""
+    from constrained_optim.constraints.sparsity import nm_keep
+
+    rows = torch.tensor(list(itertools.product([0.0, 1.0, -1.0, 2.0], repeat=4)))
+    keep = nm_keep(rows, 2, 4, 1)
+    for row, k in zip(rows.abs(), keep):
+        # brute force: order indices by (-|x|, index), keep the first two
+        order = sorted(range(4), key=lambda i: (-float(row[i]), i))[:2]
+        expected = torch.zeros(4, dtype=torch.uint8)
+        expected[order] = 1
+        assert torch.equal(k, expected), (row, k)

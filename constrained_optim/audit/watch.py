@@ -8,7 +8,8 @@ projection it calls a watcher's ``before_*`` and ``after_*``:
 - `AuditWatch` (audited steps) measures, on the real tensors, ``||g||`` and ``||g - P_T(g)||``
   around the gradient projection, ``||x - P(x)||`` and ``max |x - P(x)|`` around the parameter
   projection (from the family's cheap gap where ``traits.cheap_gap``, else from a copy taken
-  before it), the residual after it and ``||x||``. Every number stays a 0-d tensor until
+  before it), the residual after it (no pass where ``traits.exact``: the projection put the
+  parameter on the set bitwise, so it is 0, or non-finite with the parameter) and ``||x||``. Every number stays a 0-d tensor until
   ``finish`` reads the whole step with one device-to-host copy per device.
 
 Either way the projections are the same calls with the same arguments, so auditing cannot
@@ -22,6 +23,7 @@ import math
 import torch
 
 from ..binding import Group
+from ..constraints.base import Bound
 from .measure import Scratch, all_finite, fetch, norms
 
 
@@ -100,9 +102,30 @@ class AuditWatch(FiniteWatch):
         drift, drift_max = measured
         self._drift += drift
         self._drift_max += drift_max
-        both, _ = norms(_pairs(group.params, lambda i, p: group.bounds[i].residual(p, self.scratch.like(p))))
-        self._norms += both[0::2]
-        self._residual += both[1::2]
+        bounds, params = group.bounds, group.params
+        exact = [_lands_exactly(b, p) for b, p in zip(bounds, params)]
+        if all(exact):
+            # an exact projection lands on the set bitwise: what is left is 0, or non-finite where
+            # the parameter is (0 * ||x||); no second pass over the parameter
+            found, _ = norms(params)
+            self._norms += found
+            self._residual += torch._foreach_mul(found, 0.0)
+            return
+        rest = [i for i, e in enumerate(exact) if not e]
+        both, _ = norms(_pairs([params[i] for i in rest],
+                               lambda k, p: bounds[rest[k]].residual(p, self.scratch.like(p))))
+        plain, _ = norms([p for p, e in zip(params, exact) if e])
+        measured_norms = dict(zip(rest, both[0::2]))
+        measured_residuals = dict(zip(rest, both[1::2]))
+        plain_iter = iter(plain)
+        for i, e in enumerate(exact):
+            if e:
+                n = next(plain_iter)
+                self._norms.append(n)
+                self._residual.append(n * 0.0)
+            else:
+                self._norms.append(measured_norms[i])
+                self._residual.append(measured_residuals[i])
 
     def rows(self, bounds) -> list[tuple[float, float, float, float, float]]:
         """``(drift, drift_max, residual, grad_blocked, ||x||)`` per bound in group order, read with
@@ -119,6 +142,15 @@ class AuditWatch(FiniteWatch):
             total.append(pair[1])
         rows = fetch([self._drift, self._drift_max, self._residual, removed, total, self._norms])
         return [(d, dm, r, rm / t if t > 0 else math.nan, n) for d, dm, r, rm, t, n in rows]
+
+
+def _lands_exactly(bound, param) -> bool:
+    """Whether the projection just taken put ``param`` on the set bitwise (``traits.exact``, in
+    the parameter's own precision: a half-precision parameter is projected in float32 and
+    rounded, which a held value need not survive). A family that measures its residual otherwise
+    (an intersection: the distance to every member, which shows an empty one) is measured."""
+    return (bound.traits.exact and param.dtype not in (torch.float16, torch.bfloat16)
+            and type(bound).residual is Bound.residual)  # an intersection measures each member
 
 
 def _pairs(tensors, second):

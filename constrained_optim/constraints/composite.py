@@ -219,6 +219,63 @@ class InTurn:
             b.project_grad_(g, x)
 
 
+class ConeThenScale:
+    """A norm ball or sphere (per unit, or whole) with element-wise convex cones (`Mask`,
+    ``Fixed(..., 0.0)``, `NonNegative`, a fixed `NMSparsity` pattern): the cones' projection in
+    turn, then the scaling, in one pass. For a closed convex cone ``K`` and the ball ``B`` of
+    radius ``r`` about 0, ``P_{K ∩ B}(x) = P_B(P_K(x))`` (``<x - P_K x, P_K x> = 0``, so the
+    nearest point of ``K`` at norm ``<= r`` is ``P_K x`` scaled); the scaling keeps zeros at zero
+    and signs as they are, so the result is in ``K`` exactly. For a sphere the cones must be
+    subspaces: ``P_K x / ||P_K x||``, and a unit with ``P_K x = 0`` (every point of the sphere in
+    ``K`` equally near) takes equal entries on its free entries (cones, scale, cones, scale)."""
+
+    linear = False
+    writes_once = grad_writes_once = False
+
+    def __init__(self, cones: list[Bound], scaler: Bound):
+        self.cones, self.scaler = cones, scaler
+        self.again = not scaler.traits.convex  # the sphere's zero units
+
+    def project_(self, x):
+        for _ in range(2 if self.again else 1):
+            for c in self.cones:
+                c.project_(x)
+            self.scaler.project_(x)
+
+
+def cone_kind(b: Bound, like: torch.Tensor) -> str | None:
+    """``"subspace"`` / ``"cone"`` for an element-wise convex set whose every entry's interval is
+    ``{0}``, ``R``, ``[0, inf)`` or ``(-inf, 0]`` (``"subspace"``: only ``{0}`` and ``R``), else
+    None. Read from the projection of the two extremes (a product of intervals maps ``+-max`` to
+    its ends, or leaves them): an end that is not ``0`` or ``+-max`` is no cone."""
+    if not (b.traits.elementwise and b.traits.convex):
+        return None
+    big = torch.finfo(like.dtype).max
+    hi = torch.full(like.shape, big, dtype=like.dtype, device=like.device)
+    lo = torch.full(like.shape, -big, dtype=like.dtype, device=like.device)
+    with torch.no_grad():
+        b.project_(hi)
+        b.project_(lo)
+    if not bool(((hi == 0) | (hi == big)).all() and ((lo == 0) | (lo == -big)).all()):
+        return None
+    return "subspace" if torch.equal(hi == 0, lo == 0) else "cone"
+
+
+def cone_plan(members: list[Bound], like: torch.Tensor) -> ConeThenScale | None:
+    """The one-pass block for one L2 ball or sphere (``traits.via_norms``) with element-wise convex
+    cones, or None where the intersection is not of that form."""
+    scalers = [b for b in members if b.traits.via_norms]
+    if len(scalers) != 1 or len(members) < 2:
+        return None
+    cones = [b for b in members if b is not scalers[0]]
+    kinds = [cone_kind(b, like) for b in cones]
+    if any(k is None for k in kinds):
+        return None
+    if not scalers[0].traits.convex and any(k != "subspace" for k in kinds):
+        return None
+    return ConeThenScale(cones, scalers[0])
+
+
 class Joined:
     """Sets that hold or (sign-)tie entries, joined into one: ``x_i = w_i c_g(i) + x0_i``, with
     ``w_i = +-1`` on free components and ``0`` on held ones, whose values ``x0`` are fixed."""
@@ -520,6 +577,10 @@ class IntersectionBound(Bound):
             blocks += [InTurn([b]) for b in rest if not (b.traits.elementwise and b.traits.convex)]
             self.blocks = blocks
             self.grad_rest = [b for b in rest if b.traits.projects_grad]
+            # a ball or sphere with cones that hold zeros or signs: one exact pass, no Dykstra
+            block = cone_plan(members, self.like)
+            if block is not None:
+                self.blocks = [block]
         steps = (self.tangent is not None) + len(self.grad_rest)
         lone = self.tangent is None or self.tangent.grad_writes_once
         self._grad_once = steps == 0 or (steps == 1 and lone)

@@ -30,9 +30,46 @@ def svd(w: torch.Tensor):
 
 def polar_factor(w: torch.Tensor) -> torch.Tensor:
     """The nearest matrix to ``w`` (``(m, k)``) with orthonormal rows (``m <= k``) or columns
-    (``m >= k``): ``U V^T`` for ``w = U S V^T`` (the orthogonal factor of the polar decomposition)."""
+    (``m >= k``): ``U V^T`` for ``w = U S V^T`` (the orthogonal factor of the polar decomposition).
+    From a point near the manifold (every step after the first) by Newton-Schulz iterations
+    (`polar_near`), checked; by the SVD otherwise."""
+    near = polar_near(w)
+    if near is not None:
+        return near
     u, _, vh = svd(w)
     return u @ vh
+
+
+#: Newton-Schulz starts only where ``||W W^T - I||_inf`` (a bound on the spectral norm of the
+#: symmetric ``W W^T - I``) is below this (it converges for any spectral norm below 1, quadratically
+#: once small), and gives up to the SVD after `NEWTON_MAX_ITER` iterations
+NEWTON_START = 0.5
+NEWTON_MAX_ITER = 8
+
+
+def polar_near(w: torch.Tensor) -> torch.Tensor | None:
+    """The polar factor of ``w`` by ``X <- X - (X X^T - I) X / 2`` (Newton-Schulz: ``1.5 X - 0.5 X
+    X^T X``), which keeps the singular vectors and drives every singular value to 1, until
+    ``|X X^T - I|_max`` is within `on_stiefel`'s limit, then once more; None (use the SVD) when ``w`` is too far
+    from the manifold or the iteration has not converged. The Gram matrix is of the smaller side;
+    each iteration is two matrix products and one host read."""
+    if w.numel() == 0 or not w.is_floating_point():
+        return None
+    rows = w.shape[0] <= w.shape[1]
+    limit = 16 * torch.finfo(w.dtype).eps * math.sqrt(max(w.shape))
+    x = w
+    for it in range(NEWTON_MAX_ITER + 1):
+        e = x @ x.T if rows else x.T @ x
+        e.diagonal().sub_(1.0)
+        if it == 0 and not bool(e.abs().sum(1).max() < NEWTON_START):  # NaN: not near
+            return None
+        if bool(e.abs().max() <= limit):
+            # converged: one more correction takes it from the limit to rounding (quadratically)
+            return x - (e @ x if rows else x @ e).mul_(0.5)
+        if it == NEWTON_MAX_ITER:
+            return None
+        x = x - (e @ x if rows else x @ e).mul_(0.5)
+    return None
 
 
 def stiefel_tangent_(g: torch.Tensor, x: torch.Tensor) -> None:

@@ -18,14 +18,39 @@ from .layout import input_dim
 
 
 # -- pure maths ---------------------------------------------------------------------------------
+#: groups up to this size are ranked by pairwise comparison (``m (m - 1) / 2`` compares), larger
+#: ones by a sort
+RANK_MAX_M = 8
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def nm_keep(x: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
     """A uint8 tensor shaped like ``x``: 1 on the ``n`` largest ``|x|`` of every group of ``m``
     consecutive entries along ``dim`` (ties go to the lower index), 0 elsewhere."""
     moved = x.movedim(dim, -1)
     groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m).abs()
+    if m <= RANK_MAX_M and groups.element_size() in _BITS:
+        keep = _rank_keep(groups, n, m)
+        return keep.view(moved.shape).movedim(-1, dim).contiguous()
     order = groups.sort(dim=-1, descending=True, stable=True).indices[..., :n]
     keep = torch.zeros(groups.shape, dtype=torch.uint8, device=x.device).scatter_(-1, order, 1)
     return keep.view(moved.shape).movedim(-1, dim).contiguous()
+
+
+def _rank_keep(groups: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The stable descending sort's first ``n`` of each row of ``groups`` (magnitudes), without a
+    sort: an entry's rank is how many entries of its row are larger, plus how many equal ones
+    come before it. Compared as the bits of the magnitudes (ordered as the values for
+    non-negative floats, NaN above inf, as the sort puts them), each pair once."""
+    keys = groups.view(_BITS[groups.element_size()]).unbind(-1)
+    rank = torch.zeros(groups.shape, dtype=torch.uint8, device=groups.device)
+    ranks = rank.unbind(-1)
+    for i in range(m):
+        for j in range(i + 1, m):
+            later = keys[j] > keys[i]  # the later entry outranks only if strictly larger
+            ranks[i].add_(later)
+            ranks[j].add_(~later)
+    return rank.lt_(n).view(torch.uint8)
 
 
 # -- NMSparsity ------------------------------------------------------------------------------------
