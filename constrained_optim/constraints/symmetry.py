@@ -402,9 +402,10 @@ def orbits(perms, who: str):
     consistent = high == low
     _, group_ids = torch.unique(rep, return_inverse=True)
     n_groups = int(group_ids.max()) + 1
-    ok_group = torch.ones(n_groups, dtype=torch.bool, device=rep.device)
-    ok_group.scatter_reduce_(0, group_ids, consistent, reduce="amin")
-    weights = torch.where(ok_group[group_ids], high, torch.zeros_like(high))
+    # uint8, not bool: CUDA's scatter_reduce has no bool kernel
+    ok_group = torch.ones(n_groups, dtype=torch.uint8, device=rep.device)
+    ok_group.scatter_reduce_(0, group_ids, consistent.to(torch.uint8), reduce="amin")
+    weights = torch.where(ok_group[group_ids].bool(), high, torch.zeros_like(high))
     return group_ids, (None if bool((weights == 1).all()) else weights)
 
 
