@@ -63,9 +63,10 @@ nitpick_ignore = [
     ("py:class", "collections.abc.Mapping"),
     ("py:class", "os.PathLike"),
     ("py:class", "re.Pattern"),
-    # rich's types in Audit's rendering methods (no inventory)
-    ("py:class", "rich.table.Table"),
-    ("py:class", "rich.console.Console"),
+    # rich's types in Audit's rendering methods (no inventory; imported for annotations only,
+    # so signatures show them by their short names)
+    ("py:class", "Table"),
+    ("py:class", "Console"),
     # the type variable that makes attach/detach return the caller's own class (self)
     ("py:class", "constrained_optim.surface._Surface"),
     # Lightning and transformers: base classes of the AuditCallbacks, and Lightning's

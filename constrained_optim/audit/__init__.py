@@ -18,9 +18,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import rich.console
-    import rich.table
+if TYPE_CHECKING:  # rich is imported by report alone, when something is rendered
+    from ..report import Console, Table
 
 __all__ = ["Audit", "AuditRecord", "ParamSummary", "read_jsonl"]
 
@@ -220,7 +219,7 @@ class Audit:
         return cls.from_records(read_jsonl(path))
 
     # -- rendering (report.py) ---------------------------------------------------------------------
-    def table(self, records: Iterable[AuditRecord] | None = None) -> rich.table.Table:
+    def table(self, records: Iterable[AuditRecord] | None = None) -> Table:
         """A ``rich.table.Table``: one row per parameter with its latest audited step and the run
         (``records`` given: one row per record instead)."""
         from .. import report
@@ -229,13 +228,13 @@ class Audit:
             return report.records_table(records)
         return report.run_table(self)
 
-    def summary(self) -> rich.table.Table:
+    def summary(self) -> Table:
         """The whole-run summary, one row per parameter, as a ``rich.table.Table``."""
         from .. import report
 
         return report.summary_table(self.summaries.values())
 
-    def print(self, console: rich.console.Console | None = None) -> None:
+    def print(self, console: Console | None = None) -> None:
         """Print `table` with ``console`` (default: a new ``rich.console.Console`` on stdout)."""
         from .. import report
 
