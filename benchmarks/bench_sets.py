@@ -56,10 +56,13 @@ def main(argv=None):
         xs = [torch.randn(shape) for _ in range(count)]
         bounds = [bind(co.Box(-0.5, 0.5), x.clone()) for x in xs]
         compare(f"Box, {count} x {shape}: grouped (A) / loop (B)",
-                lambda: BoxBound.project_all_(bounds, xs), lambda: [b.project_(x) for b, x in zip(bounds, xs)],
+                lambda bounds=bounds, xs=xs: BoxBound.project_all_(bounds, xs),
+                lambda bounds=bounds, xs=xs: [b.project_(x) for b, x in zip(bounds, xs)],
                 args.repeats)
-        compare(f"Box, {count} x {shape}: grouped (A) / two foreach (B)", lambda: BoxBound.project_all_(bounds, xs),
-                lambda: (torch._foreach_clamp_min_(xs, -0.5), torch._foreach_clamp_max_(xs, 0.5)), args.repeats)
+        compare(f"Box, {count} x {shape}: grouped (A) / two foreach (B)",
+                lambda bounds=bounds, xs=xs: BoxBound.project_all_(bounds, xs),
+                lambda xs=xs: (torch._foreach_clamp_min_(xs, -0.5), torch._foreach_clamp_max_(xs, 0.5)),
+                args.repeats)
 
     w = torch.randn(1024, 512, 3, 3)
     bound = bind(co.MaxNorm(1.0), w.clone())

@@ -8,7 +8,9 @@ Bounds are grouped by family, whether they project gradients, device and dtype: 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -55,7 +57,7 @@ class Binding:
         self.params = [p for g in self.groups for p in g.params]
         self.ordered = ordered
 
-    def replaced(self, changes: dict[nn.Parameter, Bound | None], owners: dict | None = None) -> Binding:
+    def replaced(self, changes: Mapping[nn.Parameter, Bound | None], owners: dict | None = None) -> Binding:
         """A new binding with ``changes`` applied (None removes a parameter's bound)."""
         bounds = dict(self.bounds)
         for param, bound in changes.items():
@@ -67,7 +69,9 @@ class Binding:
 
     def stale(self) -> list[nn.Parameter]:
         """Parameters cast or moved since they were grouped (``model.to(...)``)."""
-        return [p for g in self.groups for p in g.params if p.dtype != g.dtype or p.device != g.device]
+        # a binding's own groups hold the parameters themselves (stand-ins only in with_params copies)
+        stale = [p for g in self.groups for p in g.params if p.dtype != g.dtype or p.device != g.device]
+        return cast("list[nn.Parameter]", stale)
 
     def __len__(self) -> int:
         return len(self.bounds)

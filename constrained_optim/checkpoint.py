@@ -85,6 +85,7 @@ def plan_load(state, binding: Binding) -> LoadPlan:
             + "\nattach the same constraints to the same parameters before loading; to resume "
             "with other constraints, load the wrapped optimizer's state alone and attach them after"
         )
+    assert audit is not None  # else a problem above raised
     return LoadPlan(bounds, audit, steps)
 
 
@@ -113,8 +114,8 @@ def _parameter_problems(saved: dict, binding: Binding, out: dict) -> list[str]:
     new bounds where an entry fits."""
     attached = {b.name: (p, b) for p, b in binding.bounds.items()}
     problems = [
-        f"{name}: the checkpoint constrains it to {entry.get('constraint') if isinstance(entry, dict) else entry};"
-        " here it has no constraint"
+        f"{name}: the checkpoint constrains it to "
+        f"{entry.get('constraint') if isinstance(entry, dict) else entry}; here it has no constraint"
         for name, entry in saved.items() if name not in attached
     ]
     for name, (param, bound) in attached.items():

@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     logging.getLogger("constrained_optim").setLevel(logging.INFO)
     print(f"TinyNet on synthetic images, AdamW, {args.steps} steps; constrained parameters:")
     for target, constraint in attached.items():
-        print(f"  {target}.weight {tuple(model.get_submodule(target).weight.shape)}: {constraint!r}")
+        print(f"  {target}.weight {tuple(model.get_parameter(target + '.weight').shape)}: {constraint!r}")
 
     def accuracy() -> float:
         with torch.no_grad():

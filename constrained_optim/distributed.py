@@ -9,8 +9,9 @@ that knows about DTensors: the engine hands it plain tensors and gets plain tens
 
 Plain tensors (single process, DDP's replicated parameters) pass through untouched and at no
 cost. For sharded ones the price is an all-gather of each constrained parameter (and of its
-gradient) per step, and its full size in memory on every rank while it is projected. Gathering is a collective: every rank must make the same calls in the same order, which
-it does when every rank attaches the same constraints in the same order.
+gradient) per step, and its full size in memory on every rank while it is projected. Gathering
+is a collective: every rank must make the same calls in the same order, which it does when every
+rank attaches the same constraints in the same order.
 """
 
 from __future__ import annotations

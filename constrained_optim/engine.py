@@ -227,6 +227,7 @@ class ConstraintEngine:
     def check(self, atol: float | None = None) -> None:
         """Raise `ConstraintViolation` naming every parameter off its set, with its distance."""
         off = []
+        param: torch.Tensor
         for param, bound in self.binding.bounds.items():
             param = full(param)
             distance = float(torch.linalg.vector_norm(bound.residual(param).float()))

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import functools
 import types
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from .checkpoint import NO_CONSTRAINT_STATE, check_optimizer_state
+from .checkpoint import NO_CONSTRAINT_STATE, LoadPlan, check_optimizer_state
 from .constraints.base import Constraint
 from .engine import ConstraintEngine, engine_of, make_engine, release
 from .errors import ConstraintError
-from .surface import EngineSurface
+from .surface import EngineSurface, Target
 
 
 class ConstraintHandle(EngineSurface):
@@ -32,14 +34,14 @@ class ConstraintHandle(EngineSurface):
     optimizer's own ``state_dict`` also carries under ``"constraints"``.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, engine: ConstraintEngine):
+    def __init__(self, optimizer: torch.optim.Optimizer, engine: ConstraintEngine) -> None:
         self.optimizer = optimizer
         self.engine = engine
-        self._pending = None  # a validated checkpoint, between the load pre- and post-hook
+        self._pending: LoadPlan | None = None  # a validated checkpoint, between load pre- and post-hook
         original = optimizer.step
 
         @functools.wraps(original)
-        def step(opt, *args, **kwargs):
+        def step(opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
             if not self.active:
                 return original(*args, **kwargs)
             return self._step(original, args, kwargs)
@@ -47,7 +49,7 @@ class ConstraintHandle(EngineSurface):
         # a bound method, as torch's LR schedulers expect of ``optimizer.step`` (they re-wrap
         # its ``__func__``)
         self._step_wrapper = types.MethodType(step, optimizer)
-        optimizer.step = self._step_wrapper
+        optimizer.step = self._step_wrapper  # type: ignore[method-assign]
         self._hooks = [
             optimizer.register_state_dict_post_hook(self._save_hook),
             optimizer.register_load_state_dict_pre_hook(self._validate_hook),
@@ -56,12 +58,12 @@ class ConstraintHandle(EngineSurface):
         self._active = True
 
     # -- the step ------------------------------------------------------------------------------------------
-    def _step(self, original, args, kwargs):
+    def _step(self, original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         kwargs = dict(kwargs)
         closure = args[0] if args else kwargs.pop("closure", None)
         rest = args[1:]
 
-        def call(c):
+        def call(c: Callable[[], float] | None) -> Any:
             return original(*rest, **kwargs) if c is None else original(c, *rest, **kwargs)
 
         return self.engine.run_step(call, closure, skipped=self._skipped_by_scaler)
@@ -73,12 +75,12 @@ class ConstraintHandle(EngineSurface):
         return isinstance(found_inf, torch.Tensor) and bool(found_inf.item() != 0)
 
     # -- checkpoints through the optimizer's own state_dict --------------------------------------------
-    def _save_hook(self, optimizer, state_dict):
+    def _save_hook(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
         if self.active:
             state_dict["constraints"] = self.engine.state_dict()
         return state_dict
 
-    def _validate_hook(self, optimizer, state_dict):
+    def _validate_hook(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
         if not self.active:
             return state_dict
         state_dict = dict(state_dict)
@@ -90,7 +92,7 @@ class ConstraintHandle(EngineSurface):
         self._pending = plan
         return state_dict
 
-    def _commit_hook(self, optimizer) -> None:
+    def _commit_hook(self, optimizer: torch.optim.Optimizer) -> None:
         plan, self._pending = self._pending, None
         if plan is not None:
             self.engine.commit_load(plan)
@@ -113,17 +115,17 @@ class ConstraintHandle(EngineSurface):
         self._active = False
         release(self.optimizer, self.engine)
 
-    def attach(self, target, constraint: Constraint) -> ConstraintHandle:
+    def attach(self, target: Target, constraint: Constraint) -> ConstraintHandle:
         """Constrain the parameters ``target`` names (see `ConstrainedOptimizer.attach`)."""
         if not self.active:
             raise ConstraintError("this constrain() handle was removed; call co.constrain again")
         return super().attach(target, constraint)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """The constraints' data, the step count and the audit (not the optimizer's state)."""
         return self.engine.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load what `state_dict` saved; validated whole first, so a mismatch changes nothing."""
         self.engine.load_state_dict(state)
 
@@ -131,20 +133,20 @@ class ConstraintHandle(EngineSurface):
         return self._describe(f"constrain({type(self.optimizer).__name__}{'' if self.active else ', removed'}")
 
 
-def stepping_optimizer(optimizer):
+def stepping_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The optimizer that actually steps: wrappers that hold it as ``.optimizer`` (accelerate's
     ``AcceleratedOptimizer``, which subclasses ``Optimizer`` without running its ``__init__``)
     are looked through."""
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer) and \
             engine_of(optimizer) is None and not isinstance(getattr(optimizer, "engine", None), ConstraintEngine):
-        optimizer = optimizer.optimizer
+        optimizer = optimizer.optimizer  # type: ignore[attr-defined]  # a wrapper's, checked above
     return optimizer
 
 
 def constrain(
     optimizer: torch.optim.Optimizer,
     model: nn.Module | None = None,
-    constraints: dict | None = None,
+    constraints: Mapping[Any, Constraint] | None = None,
     *,
     audit_every: int = 1,
     log_every: int | None = None,

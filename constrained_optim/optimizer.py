@@ -8,12 +8,15 @@ the parameters back in place, and report what is off.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
 from .checkpoint import check_optimizer_state
+from .constraints.base import Constraint
 from .engine import make_engine
 from .surface import EngineSurface
 from .transaction import deferred_interrupts
@@ -21,8 +24,14 @@ from .transaction import deferred_interrupts
 
 def shared(name: str) -> property:
     """The wrapped optimizer's attribute ``name``, read and written through."""
-    return property(lambda self: getattr(self.optimizer, name),
-                    lambda self, value: setattr(self.optimizer, name, value))
+
+    def get(self: ConstrainedOptimizer) -> Any:
+        return getattr(self.optimizer, name)
+
+    def set(self: ConstrainedOptimizer, value: Any) -> None:
+        setattr(self.optimizer, name, value)
+
+    return property(get, set)
 
 
 class ConstrainedOptimizer(EngineSurface, torch.optim.Optimizer):
@@ -65,13 +74,13 @@ class ConstrainedOptimizer(EngineSurface, torch.optim.Optimizer):
         self,
         optimizer: torch.optim.Optimizer,
         model: nn.Module | None = None,
-        constraints: dict | None = None,
+        constraints: Mapping[Any, Constraint] | None = None,
         *,
         audit_every: int = 1,
         log_every: int | None = None,
         tolerance: float | None = None,
         on_violation: str = "warn",
-    ):
+    ) -> None:
         engine = make_engine(optimizer, model, constraints, audit_every=audit_every, log_every=log_every,
                              tolerance=tolerance, on_violation=on_violation)
         self.optimizer = optimizer  # param_groups, state, defaults: its own objects (see below)
@@ -82,7 +91,7 @@ class ConstrainedOptimizer(EngineSurface, torch.optim.Optimizer):
             setattr(self, f"_optimizer_{hooks}_hooks", OrderedDict())
         self._patch_step_function()
 
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Project gradients, run the wrapped optimizer's step, project parameters back, audit.
 
         If anything raises after the wrapped optimizer stepped, every constrained parameter is
@@ -91,7 +100,7 @@ class ConstrainedOptimizer(EngineSurface, torch.optim.Optimizer):
         return self.engine.run_step(lambda c: inner.step() if c is None else inner.step(c), closure)
 
     # -- checkpoints -----------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's ``state_dict`` plus, under ``"constraints"``, each constraint's
         own data (masks, bases, values, patterns chosen at attach), the step count and the audit.
 
@@ -103,12 +112,12 @@ class ConstrainedOptimizer(EngineSurface, torch.optim.Optimizer):
             hook(self)
         state = tree_map_only(torch.Tensor, lambda t: t.detach().clone(), self.optimizer.state_dict())
         state["constraints"] = self.engine.state_dict()
-        for hook in self._optimizer_state_dict_post_hooks.values():
-            result = hook(self, state)
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state)
             state = state if result is None else result
         return state
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a checkpoint of `state_dict`, so training continues as if it had not stopped.
 
         The same constraints must be attached to the same parameters first (attach projects the
@@ -119,8 +128,8 @@ class ConstrainedOptimizer(EngineSurface, torch.optim.Optimizer):
         and nothing changes, also under KeyboardInterrupt.
         """
         state_dict = dict(state_dict)
-        for hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = hook(self, state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
             state_dict = state_dict if result is None else result
         plan = self.engine.plan_load(state_dict.pop("constraints", None))
         check_optimizer_state(self.optimizer, state_dict, self.engine.binding)
@@ -147,13 +156,13 @@ class ConstrainedOptimizer(EngineSurface, torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    def add_param_group(self, param_group: dict) -> None:
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
 
-    def __getstate__(self):
+    def __getstate__(self) -> dict[str, Any]:
         return self.__dict__
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 
     def __repr__(self) -> str:

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import warnings
+from types import FrameType
 
 import torch
 
@@ -78,6 +79,7 @@ _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 def caller_stacklevel() -> int:
     """The ``stacklevel`` that points a warning at the user's line calling ``step``, past this
     package and torch's step and ``no_grad`` wrappers."""
+    frame: FrameType | None
     frame, level = sys._getframe(1), 1
     while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE_DIR, _TORCH_DIR)):
         frame, level = frame.f_back, level + 1

@@ -45,7 +45,7 @@ def log_line(r) -> str:
 def _handlers(logger: logging.Logger):
     """The handlers a record from ``logger`` reaches, following propagation as logging does."""
     found = []
-    node = logger
+    node: logging.Logger | None = logger
     while node is not None:
         found.extend(node.handlers)
         if not node.propagate:

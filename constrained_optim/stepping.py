@@ -7,7 +7,9 @@ watcher (`audit.watch`) looking before and after; nothing else projects during a
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from types import FrameType
 
 import torch
 
@@ -50,10 +52,8 @@ def project_params(groups, watch) -> BaseException | None:
         except BaseException as err:  # noqa: BLE001 - re-raised by the caller
             first = first or err
             if not projected:
-                try:
+                with contextlib.suppress(BaseException):  # the first error is the one reported
                     group.kind.project_all_(group.bounds, group.params)
-                except BaseException:  # noqa: BLE001 - the first error is the one reported
-                    pass
     return first
 
 
@@ -91,7 +91,7 @@ def is_initialisation_step(optimizer: torch.optim.Optimizer) -> bool:
     the rare case it could be (no state yet, every lr 0)."""
     if optimizer.state or not all("lr" in g and float(g["lr"]) == 0.0 for g in optimizer.param_groups):
         return False
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     for _ in range(16):
         if frame is None:
             return False

@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import re
+from typing import TYPE_CHECKING, TypeVar
+
 from torch import nn
 
+from .audit import Audit
 from .constraints.base import Constraint
+
+if TYPE_CHECKING:
+    from .engine import ConstraintEngine
+
+#: what ``attach`` and ``detach`` take: a parameter, module or glob name, a compiled regex, a
+#: module class or the parameter itself
+Target = str | re.Pattern[str] | type[nn.Module] | nn.Parameter
+
+_Surface = TypeVar("_Surface", bound="EngineSurface")
 
 
 class EngineSurface:
     """``attach``, ``detach``, ``project_``, ``project_module_``, ``check``, ``audit`` and
     ``steps_taken`` over ``self.engine`` (a `ConstraintEngine`)."""
 
-    def attach(self, target, constraint: Constraint):
+    engine: ConstraintEngine
+
+    def attach(self: _Surface, target: Target, constraint: Constraint) -> _Surface:
         """Constrain the parameters ``target`` names to ``constraint``'s set, from now on.
 
         ``target``: a parameter name (``"layer.weight"``; every name of a weight-tied parameter
@@ -27,7 +42,7 @@ class EngineSurface:
         self.engine.attach(target, constraint)
         return self
 
-    def detach(self, target):
+    def detach(self: _Surface, target: Target) -> _Surface:
         """Remove every constraint from the parameters ``target`` names."""
         self.engine.detach(target)
         return self
@@ -57,7 +72,7 @@ class EngineSurface:
         self.engine.check(atol)
 
     @property
-    def audit(self):
+    def audit(self) -> Audit:
         return self.engine.audit
 
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from typing import Literal
 
 
 class deferred_interrupts:  # noqa: N801 - used as a context manager, like torch.no_grad
@@ -33,7 +34,7 @@ class deferred_interrupts:  # noqa: N801 - used as a context manager, like torch
     def _hold(self, signum, frame) -> None:
         self._received = True
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             if self._received and exc_type is None:

@@ -52,7 +52,7 @@ METRICS = ("drift", "drift_max", "residual", "grad_blocked")
 def _unwrapped(optimizer):
     """``optimizer`` and what it wraps (accelerate's ``AcceleratedOptimizer``, DeepSpeed's
     wrappers, ... hold the real one as ``.optimizer``), outermost first."""
-    seen = []
+    seen: list[object] = []
     while optimizer is not None and all(optimizer is not s for s in seen):
         seen.append(optimizer)
         optimizer = getattr(optimizer, "optimizer", None)

@@ -17,8 +17,8 @@ sys.path.insert(0, os.path.dirname(HERE))  # the repository root: import the wor
 sys.path.insert(0, os.path.join(HERE, "_ext"))
 
 import constrained_optim  # noqa: E402
-from optional_api import importable  # noqa: E402 - docs/_ext
 
+from optional_api import importable  # noqa: E402 - docs/_ext
 
 project = "constrained_optim"
 author = "constrained_optim contributors"
@@ -53,11 +53,22 @@ nitpick_ignore = [
     ("py:class", "torch.optim.Optimizer"),
     ("py:class", "torch.optim.optimizer.Optimizer"),
     ("py:class", "torch.nn.Module"),
+    ("py:class", "torch.nn.parameter.Parameter"),
     ("py:class", "torch.nn.modules.module.Module"),
     ("py:class", "nn.Module"),
     # the standard library's abc types in signatures (no Python inventory either)
     ("py:class", "collections.abc.Callable"),
     ("py:class", "collections.abc.Sequence"),
+    ("py:class", "collections.abc.Iterable"),
+    ("py:class", "collections.abc.Mapping"),
+    ("py:class", "os.PathLike"),
+    ("py:class", "re.Pattern"),
+    # rich's types in Audit's rendering methods (no inventory; imported for annotations only,
+    # so signatures show them by their short names)
+    ("py:class", "Table"),
+    ("py:class", "Console"),
+    # the type variable that makes attach/detach return the caller's own class (self)
+    ("py:class", "constrained_optim.surface._Surface"),
     # Lightning and transformers: base classes of the AuditCallbacks, and Lightning's
     # LightningModule named in constrained_optim.lightning's docstring (no inventories)
     ("py:class", "lightning.pytorch.callbacks.callback.Callback"),

@@ -8,8 +8,8 @@ library's projection code, so "the projection lands in the set" is checked again
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

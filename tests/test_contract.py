@@ -12,8 +12,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import constrained_optim as co
-from cases import CASES, Case
 from constrained_optim.constraints.base import Bound
+
+from cases import CASES, Case
 
 DTYPES = [torch.float32, torch.float64]
 IDS = [c.id for c in CASES]

@@ -88,7 +88,7 @@ def test_two_ranks_equal_one_process(kind, distributed_runs, reference):
         worker.holds(result["params"])
         for name, value in params.items():
             torch.testing.assert_close(result["params"][name], value, rtol=1e-5, atol=1e-6,
-                                       msg=lambda m, n=name: f"rank {r} {n}: {m}")
+                                       msg=lambda m, n=name, r=r: f"rank {r} {n}: {m}")
         assert close_audits(result["audit"], [rec.to_dict() for rec in history])
     # every rank computed the same projection from the same gathered data
     for name in params:

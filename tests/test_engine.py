@@ -107,7 +107,7 @@ def test_a_parameter_cast_after_attach_keeps_its_constraint(case, dtype):
     opt.attach("0.weight", CAST_CASES[case]())
     keep = model[0].weight.detach().clone() != 0
     model.to(dtype)  # before the first step: torch's optimizers keep state in the dtype it was made in
-    for k in range(3):
+    for _ in range(3):
         opt.zero_grad()
         model(torch.randn(5, 6, dtype=dtype)).float().square().mean().backward()
         opt.step()

@@ -129,7 +129,7 @@ def test_cpu_bf16_autocast():
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
     opt = co.ConstrainedOptimizer(torch.optim.AdamW(model.parameters(), lr=0.05), model,
                                   {"0": co.Symmetric(), "2.weight": co.Fixed((..., 0), 0.25)})
-    for k in range(4):
+    for _ in range(4):
         opt.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(torch.randn(8, 4))
@@ -274,7 +274,7 @@ def test_averages_of_a_convex_set_stay_in_it(kind):
     avg_fn = get_ema_multi_avg_fn(0.8) if kind == "EMA" else None
     averaged = AveragedModel(model, multi_avg_fn=avg_fn)
     snapshots = []  # the copy made at construction is replaced by the first update
-    for k in range(5):
+    for _ in range(5):
         opt.zero_grad()
         model(torch.randn(8, 4)).square().mean().backward()
         opt.step()

@@ -10,9 +10,10 @@ import torch
 
 import constrained_optim as co
 from constrained_optim.audit.watch import FiniteWatch
+
 from cases import CASES
 
-O = torch.optim
+O = torch.optim  # noqa: E741 - short for the optimizer table below
 
 
 def configs():

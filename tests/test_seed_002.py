@@ -66,7 +66,7 @@ def test_seed_002_filter_transform_trains_through_functional_call_and_stays_orth
     gen = torch.Generator().manual_seed(1)
     probe = torch.randn(5, 9, generator=gen)
     losses = []
-    for step in range(80):
+    for _ in range(80):
         rotated, upright = batch(gen)
         filters = net(cnn.conv.weight)
         out = functional_call(cnn, {"conv.weight": filters}, (rotated,))

@@ -17,7 +17,6 @@ from torch.overrides import TorchFunctionMode
 
 import constrained_optim as co
 
-
 #: grad-mode switches are torch calls too, but not state a transaction owns (an interrupt inside
 #: ``no_grad().__exit__`` would leave autograd off for the whole test process)
 NOT_COUNTED = {"_set_grad_enabled", "is_grad_enabled"}

@@ -14,8 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from transformers import (GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback,  # noqa: E402
-                          TrainingArguments)
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 import constrained_optim as co  # noqa: E402
 from constrained_optim.transformers import AuditCallback, constrain_trainer  # noqa: E402
@@ -136,7 +135,7 @@ def assert_audit_in_log_history(trainer, recorder, first_step=1):
             assert 0.0 < entry[f"constraints/{name}/grad_blocked"] < 1.0
         assert entry["constraints/residual_max"] == 0.0 and entry["constraints/drift_max"] == 0.0
     seen = [e for e in recorder.logs if "loss" in e]  # what a report_to integration receives
-    assert [e["step"] if "step" in e else None for e in seen] == [None] * len(seen)
+    assert [e.get("step") for e in seen] == [None] * len(seen)
     assert len(seen) == STEPS - first_step + 1
     for entry, logged in zip(seen, train_logs[first_step - 1:]):
         assert {k: v for k, v in logged.items() if k != "step"} == entry

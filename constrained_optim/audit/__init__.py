@@ -12,8 +12,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # rich is imported by report alone, when something is rendered
+    from ..report import Console, Table
 
 __all__ = ["Audit", "AuditRecord", "ParamSummary", "read_jsonl"]
 
@@ -104,7 +110,7 @@ class Audit:
     matplotlib are imported only there).
     """
 
-    def __init__(self, max_history: int = 10_000):
+    def __init__(self, max_history: int = 10_000) -> None:
         self._check_max_history(max_history)
         self._records: deque[AuditRecord] = deque(maxlen=max_history)
         self.last: list[AuditRecord] = []
@@ -113,7 +119,7 @@ class Audit:
     # -- recording -------------------------------------------------------------------------------
     @property
     def max_history(self) -> int:
-        return self._records.maxlen
+        return self._records.maxlen or 0  # never None: the deque is always built with a maxlen
 
     @max_history.setter
     def max_history(self, n: int) -> None:
@@ -129,7 +135,8 @@ class Audit:
     def history(self) -> list[AuditRecord]:
         return list(self._records)
 
-    def add(self, step: int, names, constraints, rows) -> list[AuditRecord]:
+    def add(self, step: int, names: Sequence[str], constraints: Sequence[str],
+            rows: Iterable[Sequence[float]]) -> list[AuditRecord]:
         """Records of one audited step; ``rows`` holds ``[drift, drift_max, residual, grad_blocked]``
         per parameter as Python numbers (converted from the device once for the whole step)."""
         self.last = [
@@ -141,7 +148,7 @@ class Audit:
             self._summary(r.name, r.constraint).add(r)
         return self.last
 
-    def note_nonfinite(self, step: int, names, constraints) -> None:
+    def note_nonfinite(self, step: int, names: Iterable[str], constraints: Iterable[str]) -> None:
         """Count a step after which these parameters held non-finite values."""
         for name, constraint in zip(names, constraints):
             self._summary(name, constraint).nonfinite += 1
@@ -185,7 +192,7 @@ class Audit:
         self.summaries = summaries
 
     # -- files -------------------------------------------------------------------------------------
-    def to_jsonl(self, path) -> None:
+    def to_jsonl(self, path: str | os.PathLike[str]) -> None:
         """Write the kept history, one JSON object per record (strict JSON: ``nan`` is ``null``,
         infinities are the strings ``"inf"`` / ``"-inf"``)."""
         with open(path, "w", encoding="utf-8") as f:
@@ -193,7 +200,7 @@ class Audit:
                 f.write(json.dumps(_encode(r.to_dict()), allow_nan=False) + "\n")
 
     @classmethod
-    def from_records(cls, records, max_history: int | None = None) -> Audit:
+    def from_records(cls, records: Iterable[AuditRecord], max_history: int | None = None) -> Audit:
         """An `Audit` holding ``records`` (summaries rebuilt from them), e.g. a saved run's."""
         records = list(records)
         strangers = {type(r).__name__ for r in records if not isinstance(r, AuditRecord)}
@@ -208,11 +215,11 @@ class Audit:
         return audit
 
     @classmethod
-    def from_jsonl(cls, path) -> Audit:
+    def from_jsonl(cls, path: str | os.PathLike[str]) -> Audit:
         return cls.from_records(read_jsonl(path))
 
     # -- rendering (report.py) ---------------------------------------------------------------------
-    def table(self, records=None):
+    def table(self, records: Iterable[AuditRecord] | None = None) -> Table:
         """A ``rich.table.Table``: one row per parameter with its latest audited step and the run
         (``records`` given: one row per record instead)."""
         from .. import report
@@ -221,19 +228,19 @@ class Audit:
             return report.records_table(records)
         return report.run_table(self)
 
-    def summary(self):
+    def summary(self) -> Table:
         """The whole-run summary, one row per parameter, as a ``rich.table.Table``."""
         from .. import report
 
         return report.summary_table(self.summaries.values())
 
-    def print(self, console=None) -> None:
+    def print(self, console: Console | None = None) -> None:
         """Print `table` with ``console`` (default: a new ``rich.console.Console`` on stdout)."""
         from .. import report
 
         report.print_renderable(self.table(), console)
 
-    def plot(self, path) -> None:
+    def plot(self, path: str | os.PathLike[str]) -> None:
         """A PNG of drift and residual per parameter over the kept steps (log scale). Needs
         matplotlib: ``pip install constrained-optim[plot]``."""
         from .. import report
@@ -260,7 +267,7 @@ def _encode(d: dict) -> dict:
 _FLOATS = ("drift", "drift_max", "residual", "grad_blocked")
 
 
-def read_jsonl(path) -> list[AuditRecord]:
+def read_jsonl(path: str | os.PathLike[str]) -> list[AuditRecord]:
     """The records `Audit.to_jsonl` wrote, validated: one JSON object per line with ``step`` (an
     int >= 0), ``name`` and ``constraint`` (strings) and the four measures (numbers; ``null`` is
     nan, ``"inf"`` / ``"-inf"`` the infinities). Blank lines are skipped. Anything else raises

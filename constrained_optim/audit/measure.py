@@ -15,7 +15,6 @@ from collections.abc import Iterable
 
 import torch
 
-
 # tensors are reduced by one foreach kernel per batch of about this many bytes, except that on a
 # CPU a tensor of at least STREAM_NUMEL entries is reduced on its own, while it is in cache
 BATCH_BYTES = 256 * 2**20

@@ -50,12 +50,20 @@ import copy
 import inspect
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from ..errors import ConstraintError, describe
+
+#: tensor data a constraint's constructor takes: a tensor, or nested lists of numbers
+#: (``torch.as_tensor`` converts them)
+TensorLike = torch.Tensor | Sequence[Any]
+#: one dim or several
+Dims = int | Sequence[int]
 
 
 @dataclass(frozen=True)
@@ -124,12 +132,14 @@ class Constraint:
     Traceback (most recent call last):
     ...
     constrained_optim.errors.ConstraintError: w (shape (2, 3), torch.float32): Symmetric swaps dims (0, 1), which need equal sizes (got 2 and 3)
-    """
+    """  # noqa: E501 - a doctest's expected error message is one line
 
     #: True for linear and affine sets (gradient projection exact).
-    linear: ClassVar[bool] = False
+    linear: bool = False
+    #: whether the family's ``_bind`` takes ``owner`` (set per subclass)
+    _bind_takes_owner: ClassVar[bool] = True
 
-    def bind(self, param: torch.Tensor, name: str, owner=None) -> Bound:
+    def bind(self, param: torch.Tensor, name: str, owner: nn.Module | None = None) -> Bound:
         """Validate against ``param`` and resolve; raises `ConstraintError`, changes nothing.
 
         ``owner`` is the module holding the parameter, when known: families whose default
@@ -155,7 +165,7 @@ class Constraint:
         # a family written as ``_bind(self, param, name)`` (before owners existed) still binds
         if self._bind_takes_owner:
             return self._bind(param, name, owner)
-        return self._bind(param, name)
+        return self._bind(param, name)  # type: ignore[call-arg]  # a family's two-argument _bind
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -169,7 +179,7 @@ class Constraint:
 
         return Intersection(self, other)
 
-    def same_as(self, other) -> bool:
+    def same_as(self, other: object) -> bool:
         """Of one type with equal arguments (tensors compared by value, callables by identity):
         attaching a constraint the same as one already attached changes nothing."""
         return type(other) is type(self) and _same(vars(self), vars(other))
@@ -436,7 +446,7 @@ class LowPrecisionBound(Bound):
 
     @classmethod
     def project_all_(cls, bounds, xs):
-        by_kind: dict[type, tuple[list, list]] = {}
+        by_kind: dict[type[Bound], tuple[list, list]] = {}
         for b, x in zip(bounds, xs):
             inner, ys = by_kind.setdefault(type(b.inner), ([], []))
             inner.append(b.inner)

@@ -65,7 +65,12 @@ class Projection(Constraint):
     tensor([0., 1.])
     """
 
-    def __init__(self, project: Callable, project_grad: Callable | None = None, name: str | None = None):
+    def __init__(
+        self,
+        project: Callable[[torch.Tensor], torch.Tensor],
+        project_grad: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        name: str | None = None,
+    ) -> None:
         if not callable(project):
             raise ConstraintError(f"Projection: project must be callable, got {type(project).__name__}")
         if project_grad is not None and not callable(project_grad):
@@ -144,7 +149,9 @@ class Intersection(Constraint):
     tensor([ 1., -1.,  0.])
     """
 
-    def __init__(self, *constraints: Constraint, max_iter: int = 200, tol: float | None = None):
+    constraints: list[Constraint]
+
+    def __init__(self, *constraints: Constraint, max_iter: int = 200, tol: float | None = None) -> None:
         members: list[Constraint] = []
         for c in constraints:
             if not isinstance(c, Constraint):
@@ -166,7 +173,7 @@ class Intersection(Constraint):
     def _bind(self, param, name, owner):
         return IntersectionBound(self, name, param, [c.bind(param, name, owner) for c in self.constraints])
 
-    def same_as(self, other) -> bool:
+    def same_as(self, other: object) -> bool:
         return (type(other) is type(self) and len(self.constraints) == len(other.constraints)
                 and self.max_iter == other.max_iter and self.tol == other.tol
                 and all(a.same_as(b) for a, b in zip(self.constraints, other.constraints)))
@@ -181,7 +188,7 @@ def intersect_bounds(old: Bound, new: Bound, param: torch.Tensor, name: str) -> 
     """The intersection of two bounds of one parameter, keeping what each resolved at attach
     (a pattern chosen by magnitude stays the one chosen)."""
     wrapped = isinstance(old, LowPrecisionBound)
-    inner_old = old.inner if wrapped else old
+    inner_old = old.inner if isinstance(old, LowPrecisionBound) else old
     inner_new = new.inner if isinstance(new, LowPrecisionBound) else new
     members = [*_members(inner_old), *_members(inner_new)]
     constraint = Intersection(*[b.constraint for b in members])
@@ -549,6 +556,8 @@ class IntersectionBound(Bound):
         self._plan()
         super().__init__(constraint, name, param, self._traits())
 
+    tangent: InTurn | Joined | ExplicitLinear | AlternatingLinear | None
+
     def _plan(self) -> None:
         members = self.members
         if len(members) == 1 or all(b.traits.elementwise and b.traits.convex for b in members):
@@ -562,7 +571,7 @@ class IntersectionBound(Bound):
             if lin:
                 parts = [b.partition(self.like) for b in lin] if len(lin) > 1 else [None]
                 if all(p is not None for p in parts):
-                    self.tangent = join_partitions(parts, self.like)
+                    self.tangent = join_partitions(parts, self.like)  # type: ignore[arg-type]  # none None
                 elif len(lin) == 1 or commute(lin, self.like):
                     self.tangent = InTurn(lin)
                 elif self.like.numel() <= EXPLICIT_MAX:

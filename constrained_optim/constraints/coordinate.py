@@ -10,10 +10,12 @@ of them in turn is the exact projection onto their intersection.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..errors import ConstraintError, describe
-from .base import Bound, Constraint, Partition, Traits, finite_or_raise
+from .base import Bound, Constraint, Partition, TensorLike, Traits, finite_or_raise
 
 
 # -- pure maths ---------------------------------------------------------------------------------
@@ -55,7 +57,7 @@ class Mask(Constraint):
 
     linear = True
 
-    def __init__(self, mask):
+    def __init__(self, mask: TensorLike) -> None:
         mask = torch.as_tensor(mask)
         if mask.dtype != torch.bool:
             if not ((mask == 0) | (mask == 1)).all():
@@ -160,7 +162,7 @@ class Fixed(Constraint):
 
     linear = True
 
-    def __init__(self, where, value=0.0):
+    def __init__(self, where: torch.Tensor | tuple[Any, ...], value: float | TensorLike = 0.0) -> None:
         if isinstance(where, torch.Tensor) and where.dtype != torch.bool:
             raise ConstraintError(
                 f"Fixed: where must be a bool mask or an index expression, got a {where.dtype} tensor"
@@ -299,7 +301,7 @@ class Box(Constraint):
     tensor([-1.0000,  0.5000,  2.0000])
     """
 
-    def __init__(self, low=None, high=None):
+    def __init__(self, low: float | TensorLike | None = None, high: float | TensorLike | None = None) -> None:
         self.low = _bound_value(low, "low")
         self.high = _bound_value(high, "high")
         if self.low is not None and self.high is not None:
@@ -341,7 +343,7 @@ class NonNegative(Box):
     tensor([0.0000, 0.5000])
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(low=0.0)
 
     def __repr__(self):

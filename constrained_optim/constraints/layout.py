@@ -3,15 +3,15 @@
 `MaxNorm` and `UnitNorm` take one unit per output feature, `NMSparsity` groups along the input
 dim; which dim that is depends on the layer that owns the weight:
 
-=====================================  ==================  ======  =====
-owner                                  weight layout       output  input
-=====================================  ==================  ======  =====
-``nn.Linear``, unknown, None           (out, in)           0       -1
-``nn.Conv*d``                          (out, in/g, *k)     0       1
-``nn.ConvTranspose*d``                 (in, out/g, *k)     1       0
-transformers' ``Conv1D``               (in, out)           -1      0
-``nn.Embedding``                       (rows, features)    0       -1
-=====================================  ==================  ======  =====
+=====================================  =====================  ======  =====
+owner                                  weight layout          output  input
+=====================================  =====================  ======  =====
+``nn.Linear``, unknown, None           (out, in)              0       -1
+``nn.Conv*d``                          ``(out, in/g, *k)``    0       1
+``nn.ConvTranspose*d``                 ``(in, out/g, *k)``    1       0
+transformers' ``Conv1D``               (in, out)              -1      0
+``nn.Embedding``                       (rows, features)       0       -1
+=====================================  =====================  ======  =====
 
 A parameter of fewer than 2 dims (a bias, a norm's scale) has no such layout: output 0 and
 input -1 (its only dim). Pure functions of the module's type and the parameter's rank.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConstraintError, describe
-from .base import Bound, Constraint, Traits, finite_or_raise, trailing_or_full
+from .base import Bound, Constraint, TensorLike, Traits, finite_or_raise, trailing_or_full
 
 SPAN = Traits(linear=True, convex=True, projects_grad=True, reduces=None)
 
@@ -73,7 +73,7 @@ class Subspace(Constraint):
 
     linear = True
 
-    def __init__(self, basis):
+    def __init__(self, basis: TensorLike) -> None:
         basis = torch.as_tensor(basis)
         if basis.dim() < 1 or not basis.is_floating_point():
             raise ConstraintError(
@@ -119,7 +119,7 @@ class Affine(Subspace):
     tensor([1., 1.])
     """
 
-    def __init__(self, basis, offset):
+    def __init__(self, basis: TensorLike, offset: TensorLike) -> None:
         super().__init__(basis)
         self.offset = torch.as_tensor(offset, dtype=self.basis.dtype)
         finite_or_raise(self.offset, "Affine", "offset")

@@ -199,7 +199,7 @@ class LowRank(Constraint):
             [0., 0.]])
     """
 
-    def __init__(self, rank):
+    def __init__(self, rank: int) -> None:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ConstraintError(f"LowRank: rank must be an int >= 1, got {rank!r}")
         self.rank = rank

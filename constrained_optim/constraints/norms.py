@@ -13,7 +13,7 @@ import math
 import torch
 
 from ..errors import ConstraintError, describe
-from .base import Bound, Constraint, Traits, normalize_dims
+from .base import Bound, Constraint, Dims, Traits, normalize_dims
 from .coordinate import BoxBound
 from .layout import output_dim
 
@@ -130,10 +130,10 @@ class NormBall(Constraint):
             [0.0000, 0.0000]])
     """
 
-    def __init__(self, radius, p=2, dim=None):
+    def __init__(self, radius: float, p: float | str = 2, dim: Dims | None = None) -> None:
         if p not in (1, 2, math.inf, "inf", "fro"):
             raise ConstraintError(f"NormBall: p must be 1, 2 or inf, got {p!r}")
-        self.p = {"inf": math.inf, "fro": 2}.get(p, p)
+        self.p = {"inf": math.inf, "fro": 2}.get(p, p)  # type: ignore[arg-type]
         self.radius = _radius(radius, f"NormBall(p={self.p})")
         self.dim = dim
 
@@ -170,7 +170,7 @@ class MaxNorm(Constraint):
             [0.6000, 0.8000]])
     """
 
-    def __init__(self, max_value, dim=None):
+    def __init__(self, max_value: float, dim: Dims | None = None) -> None:
         self.max_value = _radius(max_value, "MaxNorm", "max_value")
         self.dim = dim
 
@@ -199,7 +199,7 @@ class UnitNorm(Constraint):
             [0.7071, 0.7071]])
     """
 
-    def __init__(self, dim=None):
+    def __init__(self, dim: Dims | None = None) -> None:
         self.dim = dim
 
     def _bind(self, param, name, owner):
@@ -226,7 +226,7 @@ class Simplex(Constraint):
             [1.0000, 0.0000, 0.0000]])
     """
 
-    def __init__(self, dim=-1, radius=1.0):
+    def __init__(self, dim: Dims = -1, radius: float = 1.0) -> None:
         self.radius = _radius(radius, "Simplex")
         if dim is None:
             raise ConstraintError("Simplex: dim must be an int or a tuple of ints, got None")

@@ -75,7 +75,7 @@ class NMSparsity(Constraint):
             [ 1.,  1.,  0.,  0.]])
     """
 
-    def __init__(self, n=2, m=4, dim=None, fixed=True):
+    def __init__(self, n: int = 2, m: int = 4, dim: int | None = None, fixed: bool = True) -> None:
         for what, v in (("n", n), ("m", m)):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ConstraintError(f"NMSparsity: {what} must be an int, got {v!r}")
@@ -117,6 +117,8 @@ def _per_group(keep: torch.Tensor, n: int, m: int, dim: int) -> bool:
 class NMMaskBound(MaskBound):
     """The pattern chosen at attach, held as a `Mask` (a linear set from then on); checkpoint data
     must be an N:M pattern along the same dim."""
+
+    constraint: NMSparsity
 
     def __init__(self, constraint, name, param, keep, dim):
         super().__init__(constraint, name, param, keep)

@@ -15,7 +15,17 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..errors import ConstraintError, describe
-from .base import Bound, Constraint, Partition, Traits, _same, normalize_dims, trailing_or_full
+from .base import (
+    Bound,
+    Constraint,
+    Dims,
+    Partition,
+    TensorLike,
+    Traits,
+    _same,
+    normalize_dims,
+    trailing_or_full,
+)
 
 #: every family here: a linear subspace, averaged exactly (except a general group's average)
 TIES = Traits(linear=True, convex=True, projects_grad=True, exact=True, reduces=None)
@@ -93,7 +103,7 @@ class Tied(Constraint):
 
     linear = True
 
-    def __init__(self, labels):
+    def __init__(self, labels: TensorLike) -> None:
         labels = torch.as_tensor(labels)
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise ConstraintError(f"Tied: labels must be an integer tensor, got {labels.dtype}")
@@ -209,7 +219,7 @@ class Symmetric(Constraint):
 
     linear = True
 
-    def __init__(self, dims=(0, 1), flip=()):
+    def __init__(self, dims: Sequence[int] = (0, 1), flip: Dims = ()) -> None:
         dims = _dim_tuple(dims, "dims")
         if len(dims) not in (0, 2):
             raise ConstraintError(f"Symmetric: dims must be a pair of dims, got {dims!r}")
@@ -277,17 +287,17 @@ class Invariant(Constraint):
 
     linear = True
 
-    def __init__(self, group: Sequence[Callable[[torch.Tensor], torch.Tensor]], name=None):
+    def __init__(self, group: Sequence[Callable[[torch.Tensor], torch.Tensor]], name: str | None = None) -> None:
         self.group = list(group)
         if not self.group or not all(callable(g) for g in self.group):
             raise ConstraintError("Invariant: group must be a non-empty sequence of callables")
         self.name = name
 
     @classmethod
-    def rotations(cls, dims=(-2, -1)) -> Invariant:
+    def rotations(cls, dims: Sequence[int] = (-2, -1)) -> Invariant:
         """The group of 90-degree rotations in the plane of ``dims`` (a kernel's spatial dims)."""
         dims = tuple(dims)
-        return cls([lambda x, k=k: torch.rot90(x, k, dims) for k in range(4)],
+        return cls([lambda x, k=k: torch.rot90(x, k, dims) for k in range(4)],  # type: ignore[misc]
                    name=f"rotations(dims={dims})")
 
     def _bind(self, param, name, owner):
@@ -321,7 +331,7 @@ class Invariant(Constraint):
             )
         return y
 
-    def same_as(self, other) -> bool:
+    def same_as(self, other: object) -> bool:
         # two calls of `rotations()` (or of any function building the maps) make new lambdas
         return (type(other) is type(self) and self.name == other.name
                 and len(self.group) == len(other.group)
@@ -414,7 +424,7 @@ def check_closed(perms, who: str) -> None:
     n = perms[0][0].numel()
     codes = [(sg * (q + 1)).long() for q, sg in perms]
     weights = torch.randn(n, dtype=torch.float64, device=codes[0].device)
-    index = {}
+    index: dict[float, list[int]] = {}
     for k, c in enumerate(codes):
         index.setdefault(float((c.double() * weights).sum()), []).append(k)
     for qg, sg in perms:

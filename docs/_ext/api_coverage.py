@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import importlib
 
-from optional_api import importable
 from sphinx.util import logging
+
+from optional_api import importable
 
 logger = logging.getLogger(__name__)
 
