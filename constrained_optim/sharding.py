@@ -579,8 +579,12 @@ class ShardPlan:
             t = tensors.get(e.position)
             if t is None:
                 continue
+            # a family that projects one tensor at a time gains nothing from a group, while the
+            # audit copies a whole group at once where it has no cheap gap: one tensor per group
+            alone = e.mode == LOCAL and not e.bound.traits.cheap_gap and \
+                getattr(type(e.bound).project_all_, "__func__", None) is Bound.project_all_.__func__
             key = (e.mode, type(e.bound), e.bound.traits.projects_grad, t.device, t.dtype,
-                   id(e.bound.batch) if e.mode == NORMS else None)
+                   id(e.bound.batch) if e.mode == NORMS else e.position if alone else None)
             bs, ts = keyed.setdefault(key, ([], []))
             bs.append(e)
             ts.append(t)
