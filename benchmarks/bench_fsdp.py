@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import gc
 import ctypes.util
+import gc
 import os
 import socket
 import statistics
@@ -92,9 +92,10 @@ def constraints(kind: str, d: int) -> dict:
 
 
 def run_rank(d: int, kind: str, steps: int, rank: int, world: int) -> dict:
-    import constrained_optim as co
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    import constrained_optim as co
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
     from distributed_worker import counting, gathers
@@ -126,7 +127,7 @@ def run_rank(d: int, kind: str, steps: int, rank: int, world: int) -> dict:
             opt.step()
             times.append(time.perf_counter() - start_t)
         elif phase == 1:  # the peak of a whole iteration: forward, backward and step
-            peaks.append(peak_during(lambda: (iteration(k), opt.step())))
+            peaks.append(peak_during(lambda k=k: (iteration(k), opt.step())))
             held.append(in_use())
         else:  # what the step hands to collectives
             iteration(k)
@@ -136,8 +137,6 @@ def run_rank(d: int, kind: str, steps: int, rank: int, world: int) -> dict:
             gathered.append(gathers(calls))
     result = {"peak": max(peaks) - start, "held": max(held) - start,
               "ms": 1e3 * statistics.median(times), "bytes": max(sizes), "gathers": max(gathered)}
-    del net, opt
-    gc.collect()
     return result
 
 
@@ -170,6 +169,7 @@ def worker(world: int, dims, steps: int, out: str) -> None:
         run_rank(d, "plain", 3, rank, world)  # warm-up: first-time allocations stay with the process
         for kind in ("plain", "Mask", "MaxNorm"):
             results[(d, kind)] = run_rank(d, kind, steps, rank, world)
+            gc.collect()
             dist.barrier()
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()

@@ -33,6 +33,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass, fields
+from types import FrameType
 
 import torch
 from torch import nn
@@ -262,7 +263,7 @@ def called_by_dcp() -> bool:
     """Whether ``torch.distributed.checkpoint``'s ``get_state_dict`` asks for this state dict (it
     keeps the per-parameter entries only): told apart by its caller, as
     `stepping.is_initialisation_step` does."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     for _ in range(24):
         if frame is None:
             return False
@@ -273,7 +274,7 @@ def called_by_dcp() -> bool:
     return False
 
 
-def _ordered(optimizer, state_dict) -> list[tuple[object, torch.Tensor]]:
+def _ordered(optimizer, state_dict) -> list[tuple[object, nn.Parameter]]:
     """(saved id, live parameter) in order, as ``Optimizer.load_state_dict`` pairs them."""
     saved = state_dict.get("param_groups")
     if not isinstance(saved, list):

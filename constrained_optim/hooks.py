@@ -17,8 +17,13 @@ import types
 import torch
 from torch import nn
 
-from .checkpoint import (NO_CONSTRAINT_STATE, called_by_dcp, check_optimizer_state, into_param_state,
-                         split_constraints)
+from .checkpoint import (
+    NO_CONSTRAINT_STATE,
+    called_by_dcp,
+    check_optimizer_state,
+    into_param_state,
+    split_constraints,
+)
 from .constraints.base import Constraint
 from .engine import ConstraintEngine, engine_of, make_engine, release
 from .errors import ConstraintError

@@ -48,6 +48,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 
@@ -61,7 +62,7 @@ from .distributed import full, is_sharded, local, write_back_
 
 def barrier_timeout() -> float:
     """Seconds a monitored barrier waits for every rank (``CONSTRAINED_OPTIM_BARRIER_TIMEOUT``)."""
-    return float(os.environ.get("CONSTRAINED_OPTIM_BARRIER_TIMEOUT", 300))
+    return float(os.environ.get("CONSTRAINED_OPTIM_BARRIER_TIMEOUT", "300"))
 
 
 def _dist():
@@ -98,7 +99,7 @@ def barrier(what: str) -> None:
 class Layout:
     """Where this rank's part of a DTensor lies in the global tensor."""
 
-    mesh: object
+    mesh: Any  # a DeviceMesh
     placements: tuple
     shape: tuple[int, ...]  # global
     local_shape: tuple[int, ...]
@@ -163,7 +164,8 @@ def _data_placements(v_global_shape: tuple[int, ...], lay: Layout) -> tuple | No
     from torch.distributed.tensor import Replicate, Shard
 
     lead = len(lay.shape) - len(v_global_shape)
-    out, split = [], False
+    out: list[Any] = []
+    split = False
     for i in range(lay.mesh.ndim):
         dim = next((d for d, m in lay.sharded if m == i), None)
         if dim is not None and dim >= lead and v_global_shape[dim - lead] == lay.shape[dim]:
@@ -189,8 +191,9 @@ def localize(bound: Bound, lay: Layout) -> Bound | None:
     if isinstance(bound, IntersectionBound):
         if not traits.elementwise:
             return None
-        members = [localize(m, lay) for m in bound.members]
-        if any(m is None for m in members):
+        parts = [localize(m, lay) for m in bound.members]
+        members = [m for m in parts if m is not None]
+        if len(members) != len(parts):
             return None
         like = torch.empty((), dtype=bound.like.dtype, device=bound.like.device).expand(lay.local_shape)
         return IntersectionBound(bound.constraint, bound.name, like, members)
@@ -325,8 +328,8 @@ class LocalShardBound(Bound):
             if is_sharded(v):
                 if placements is None or tuple(v.placements) != placements or \
                         tuple(v.shape) != self.global_shapes.get(key):
-                    return None, f"{key}: a DTensor of shape {tuple(v.shape)} placed {tuple(v.placements)}, " \
-                                 f"expected shape {self.global_shapes.get(key)} placed {placements}"
+                    return None, (f"{key}: a DTensor of shape {tuple(v.shape)} placed {tuple(v.placements)}, "
+                                  f"expected shape {self.global_shapes.get(key)} placed {placements}")
                 v = v.to_local()
             elif placements is not None and isinstance(v, torch.Tensor):
                 if tuple(v.shape) != self.global_shapes[key]:
@@ -371,7 +374,8 @@ class NormShardBound(Bound):
         core = whole.inner if isinstance(whole, LowPrecisionBound) else whole
         self.sphere = isinstance(core, UnitNormBound)
         self.radius = getattr(core, "radius", 1.0)
-        self.dims = core.dims if core.dims is not None else tuple(range(len(lay.shape)))
+        dims = getattr(core, "dims", None)
+        self.dims = dims if dims is not None else tuple(range(len(lay.shape)))
         self.unit = math.prod(lay.shape[d] for d in self.dims)
         self.layout = lay
         (mesh_dim,) = lay.mesh_dims
@@ -517,7 +521,7 @@ class Entry:
     param: torch.Tensor
     bound: Bound  # what the step projects with (local, norm-batched, or the global bound)
     mode: str
-    layout: Layout | None
+    layout: Any  # a Layout; None for a plain parameter
     owner: int | None = None  # group rank that projects a gathered parameter (None: every rank)
     stand_in: torch.Tensor | None = None
 
@@ -582,9 +586,9 @@ class ShardPlan:
             # a family that projects one tensor at a time gains nothing from a group, while the
             # audit copies a whole group at once where it has no cheap gap: one tensor per group
             alone = e.mode == LOCAL and not e.bound.traits.cheap_gap and \
-                getattr(type(e.bound).project_all_, "__func__", None) is Bound.project_all_.__func__
+                getattr(type(e.bound).project_all_, "__func__", None) is getattr(Bound.project_all_, "__func__", 0)
             key = (e.mode, type(e.bound), e.bound.traits.projects_grad, t.device, t.dtype,
-                   id(e.bound.batch) if e.mode == NORMS else e.position if alone else None)
+                   id(getattr(e.bound, "batch", None)) if e.mode == NORMS else e.position if alone else None)
             bs, ts = keyed.setdefault(key, ([], []))
             bs.append(e)
             ts.append(t)

@@ -360,7 +360,7 @@ def checkpoints(rank, world, out_dir) -> dict:
         open(os.path.join(out_dir, f"ckpt-done-w{world}"), "w").close()
     other = 3 if world == 2 else 2
     marker = os.path.join(out_dir, f"ckpt-done-w{other}")
-    deadline = time.monotonic() + float(os.environ.get("OTHER_WORLD_WAIT", 150))
+    deadline = time.monotonic() + float(os.environ.get("OTHER_WORLD_WAIT", "150"))
     while not os.path.exists(marker) and time.monotonic() < deadline:
         time.sleep(0.2)
     if os.path.exists(marker):

@@ -20,11 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+import distributed_worker as worker
 import pytest
 import torch
 import torch.distributed as dist
-
-import distributed_worker as worker
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 ROOT = WORKER.parent.parent
@@ -132,9 +131,9 @@ def test_sets_hold_ranks_agree_and_match_one_process(world, case, out_dir, refer
     params, history = references(spec["family"])
     worker.holds({**worker.families(spec["family"]), **worker.late(spec["family"])}, ranks[0]["params"])
     if spec.get("bf16"):  # computed in bfloat16: the sets hold, the values are bfloat16's
-        tol = dict(rtol=0, atol=0.2)
+        tol = {"rtol": 0, "atol": 0.2}
     else:
-        tol = dict(rtol=1e-5, atol=2e-6)
+        tol = {"rtol": 1e-5, "atol": 2e-6}
         assert close_audits(ranks[0]["audit"], history)
     for name, value in params.items():
         torch.testing.assert_close(ranks[0]["params"][name], value, **tol, msg=lambda m, n=name: f"{n}: {m}")
