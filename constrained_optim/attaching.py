@@ -14,6 +14,7 @@ from .constraints.composite import Intersection, intersect_bounds
 from .distributed import full, local, local_part
 from .errors import ConstraintError, describe
 from .selection import ParamIndex, select
+from .sharding import globalize
 from .state import projected_state, restarted_history
 
 Writes = list[tuple[torch.Tensor, torch.Tensor]]  # (destination, value) for one _foreach_copy_
@@ -50,6 +51,8 @@ def resolve(items, binding: Binding, model: nn.Module | None, optimizer: torch.o
                 continue  # the same constraint again: the same set, the same cost
             whole = full(param)  # a sharded parameter: its global tensor
             bound = constraint.bind(whole, match.name, match.owner)
+            if earlier is not None:  # a sharded parameter's bound held for its shard: made whole again
+                earlier = globalize(earlier, param, binding.owners.get(param, match.owner))
             new[param] = bound if earlier is None else intersect_bounds(earlier, bound, whole, match.name)
             owners[param] = match.owner
     return new, owners
@@ -86,7 +89,7 @@ def rebound_after_casts(binding: Binding) -> dict[nn.Parameter, Bound]:
     stays the one chosen)."""
     changes = {}
     for param in binding.stale():
-        old = binding.bounds[param]
+        old = globalize(binding.bounds[param], param, binding.owners.get(param))
         fresh = old.constraint.bind(full(param), old.name, binding.owners.get(param))
         target = fresh.state_tensors()
         changes[param] = fresh if reproduces(fresh, old) else fresh.with_state(
@@ -112,6 +115,7 @@ def module_writes(binding: Binding, module: nn.Module) -> Writes:
     index = ParamIndex(module, None)
     plan, problems = [], []
     for param, bound in binding.bounds.items():
+        bound = globalize(bound, param, binding.owners.get(param))  # sharded: a collective
         target = index.lookup(bound.name)
         if target is None:
             found = [t for n, t in index.names.items() if n.endswith("." + bound.name)]

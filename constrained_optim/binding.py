@@ -44,7 +44,9 @@ class Binding:
         self.owners = {p: (owners or {}).get(p) for p in self.bounds}
         keyed: dict[tuple, tuple[list, list]] = {}
         for param, bound in self.bounds.items():
-            key = (type(bound), bound.traits.projects_grad, param.device, param.dtype)
+            # a sharded parameter's bound stands for its family (`sharding`): the audit's order
+            # is the same whatever the parameters' placements
+            key = (getattr(bound, "family", type(bound)), bound.traits.projects_grad, param.device, param.dtype)
             bs, ps = keyed.setdefault(key, ([], []))
             bs.append(bound)
             ps.append(param)

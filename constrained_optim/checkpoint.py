@@ -6,6 +6,21 @@ Layout (plain Python data and tensors, so ``torch.load(weights_only=True)`` read
      "parameters": {name: {"type": str, "constraint": repr, "shape": tuple, "tensors": {key: Tensor}}}}
 
 `save` copies every tensor, so a saved dict never changes with later steps or loads.
+
+Distributed checkpoints (``torch.distributed.checkpoint``): ``get_state_dict(model, opt)`` keeps
+only the optimizer's ``"state"`` (re-keyed by parameter name) and ``"param_groups"``, so there the
+same data rides in each constrained parameter's own entry (`into_param_state`)::
+
+    state[fqn]["constraint.spec"]         JSON: name, type, constraint, shape
+    state[fqn]["constraint.steps_taken"]  0-d int64 tensor (every entry)
+    state[fqn]["constraint.data.<key>"]   the bound's data; a DTensor sharded like the parameter
+                                          for a sharded one, so DCP reshards it like ``exp_avg``
+    state[fqn]["constraint.audit"]        JSON of the audit (history and summaries), first entry
+
+Every key exists however long the run, so a fresh optimizer's state dict matches a saved one key
+for key (the audit travels as one opaque leaf whatever its length). `from_param_state` reads it
+back into the layout above, and `plan_load` validates it as any checkpoint. ``StateDictOptions(
+flatten_optimizer_state_dict=True)`` is not supported (it keeps only the optimizer's own keys).
 `plan_load` checks every field (version, types, values, shapes, each family's data through
 `Bound.check_state`) and builds the new bounds and audit off to the side; the engine then swaps
 them in. A checkpoint that does not fit raises `ConstraintError` listing every problem, and
@@ -14,8 +29,11 @@ nothing has changed.
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 from dataclasses import dataclass, fields
+from types import FrameType
 
 import torch
 from torch import nn
@@ -236,3 +254,113 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict, bi
     if problems:
         raise ConstraintError("the checkpoint's optimizer state does not fit (nothing was loaded):\n  "
                               + "\n  ".join(problems))
+
+
+# -- distributed checkpoints: the constraint state in the parameters' own entries ---------------------
+PREFIX = "constraint."
+
+
+def called_by_dcp() -> bool:
+    """Whether ``torch.distributed.checkpoint``'s ``get_state_dict`` asks for this state dict (it
+    keeps the per-parameter entries only): told apart by its caller, as
+    `stepping.is_initialisation_step` does."""
+    frame: FrameType | None = sys._getframe(1)
+    for _ in range(24):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_get_optim_state_dict" and \
+                frame.f_globals.get("__name__") == "torch.distributed.checkpoint.state_dict":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _ordered(optimizer, state_dict) -> list[tuple[object, nn.Parameter]]:
+    """(saved id, live parameter) in order, as ``Optimizer.load_state_dict`` pairs them."""
+    saved = state_dict.get("param_groups")
+    if not isinstance(saved, list):
+        return []
+    ids = [i for g in saved if isinstance(g, dict) for i in g.get("params", [])]
+    return list(zip(ids, [p for g in optimizer.param_groups for p in g["params"]]))
+
+
+def into_param_state(state_dict: dict, optimizer, binding: Binding, constraints: dict) -> dict:
+    """``state_dict`` (a new dict; its entries copied, never the optimizer's own) with the
+    constraint state in the constrained parameters' entries, for ``get_state_dict``."""
+    out = dict(state_dict)
+    state = {k: dict(v) for k, v in state_dict["state"].items()}
+    audit = json.dumps(constraints["audit"])
+    first = True
+    for pid, param in _ordered(optimizer, state_dict):
+        bound = binding.bounds.get(param)
+        if bound is None:
+            continue
+        entry = constraints["parameters"][bound.name]
+        slot = state.setdefault(pid, {})
+        slot[PREFIX + "spec"] = json.dumps({"name": bound.name, "type": entry["type"],
+                                            "constraint": entry["constraint"], "shape": list(entry["shape"])})
+        slot[PREFIX + "steps_taken"] = torch.tensor(constraints["steps_taken"], dtype=torch.int64)
+        for key, value in entry["tensors"].items():
+            slot[PREFIX + "data." + key] = value
+        if first:
+            slot[PREFIX + "audit"] = audit
+            first = False
+    out["state"] = state
+    return out
+
+
+def from_param_state(state_dict: dict) -> tuple[dict | None, dict]:
+    """The constraint state held in per-parameter entries (a distributed checkpoint) in the layout
+    `plan_load` reads, or None if there is none; and ``state_dict`` without those entries (a new
+    dict: the caller's is not changed). Raises `ConstraintError` for entries that do not parse."""
+    state = state_dict.get("state") if isinstance(state_dict, dict) else None
+    if not isinstance(state, dict) or not any(
+            isinstance(e, dict) and any(isinstance(k, str) and k.startswith(PREFIX) for k in e)
+            for e in state.values()):
+        return None, state_dict
+    stripped, parameters, steps, audit, problems = {}, {}, set(), None, []
+    for pid, entry in state.items():
+        if not isinstance(entry, dict):
+            stripped[pid] = entry
+            continue
+        mine = {k: v for k, v in entry.items() if isinstance(k, str) and k.startswith(PREFIX)}
+        rest = {k: v for k, v in entry.items() if k not in mine}
+        if rest or not mine:
+            stripped[pid] = rest
+        if not mine:
+            continue
+        try:
+            spec = json.loads(mine[PREFIX + "spec"])
+            name = spec["name"]
+            parameters[name] = {"type": spec["type"], "constraint": spec["constraint"],
+                                "shape": tuple(spec["shape"]),
+                                "tensors": {k[len(PREFIX + "data."):]: v for k, v in mine.items()
+                                            if k.startswith(PREFIX + "data.")}}
+            count = mine[PREFIX + "steps_taken"]
+            steps.add(int(count) if isinstance(count, torch.Tensor) and count.numel() == 1
+                      and not count.is_floating_point() else repr(count))
+            if PREFIX + "audit" in mine:
+                audit = json.loads(mine[PREFIX + "audit"])
+        except (KeyError, TypeError, ValueError) as err:
+            problems.append(f"parameter entry {pid!r}: unreadable constraint state ({type(err).__name__}: {err})")
+    if audit is None:
+        problems.append("no entry holds the audit (constraint.audit)")
+    if len(steps) != 1 or not isinstance(next(iter(steps), None), int):
+        problems.append(f"the entries disagree on steps_taken or do not hold an int: {sorted(map(str, steps))}")
+    if problems:
+        raise ConstraintError("the checkpoint's constraint state does not fit (nothing was loaded):\n  "
+                              + "\n  ".join(problems))
+    rest = dict(state_dict)
+    rest["state"] = stripped
+    return {"version": CHECKPOINT_VERSION, "steps_taken": steps.pop(), "audit": audit,
+            "parameters": parameters}, rest
+
+
+def split_constraints(state_dict: dict) -> tuple[object, dict]:
+    """``(constraint state, optimizer state_dict)`` from a checkpoint: the ``"constraints"`` entry
+    of `ConstrainedOptimizer.state_dict`, else the per-parameter entries of a distributed
+    checkpoint; neither: None. ``state_dict`` is not changed."""
+    state_dict = dict(state_dict)
+    constraints = state_dict.pop("constraints", None)
+    from_entries, state_dict = from_param_state(state_dict)
+    return (constraints if constraints is not None else from_entries), state_dict

@@ -33,10 +33,11 @@ from .audit.measure import Scratch
 from .audit.watch import AuditWatch, FiniteWatch
 from .binding import Binding
 from .constraints.base import Bound, Constraint
-from .distributed import FullView, full
+from .distributed import is_sharded
 from .errors import ConstraintError, ConstraintViolation
 from .policy import ViolationPolicy, default_atol
 from .selection import ParamIndex, select
+from .sharding import ShardPlan, barrier, shard_bounds, world
 from .stepping import NoWatch, is_initialisation_step, project_grads, project_params, repair
 from .transaction import deferred_interrupts
 
@@ -82,23 +83,30 @@ class ConstraintEngine:
         return self.policy.on_violation
 
     def _bind(self, binding: Binding) -> None:
-        view = FullView(binding.params)
-        self.binding, self._full_view = binding, view
+        self.binding, self._shards = binding, ShardPlan(binding)
+
+    def _sharded(self) -> bool:
+        """Whether the optimizer holds sharded (DTensor) parameters: then `attach`, `project_` and
+        `check` are collectives."""
+        return any(is_sharded(p) for g in self.optimizer.param_groups for p in g["params"])
 
     # -- attach and detach: resolve and compute on the side, then commit at once -------------------
     def attach(self, target, constraint: Constraint) -> ConstraintEngine:
         return self.attach_all([(target, constraint)])
 
     def attach_all(self, items) -> ConstraintEngine:
-        """`attach` for each ``(target, constraint)``, all or nothing."""
+        """`attach` for each ``(target, constraint)``, all or nothing. A collective when parameters
+        are sharded (each is gathered once to bind and project it): call it on every rank."""
+        if items and self._sharded():
+            barrier("attach")
         new, owners = resolve(items, self.binding, self.model, self.optimizer)
         if not new:
             return self
         writes, lbfgs = projection_writes(new, self.optimizer)
         dsts = [d for d, _ in writes]
         srcs = [s for _, s in writes]
-        binding = self.binding.replaced(new, owners)
-        view = FullView(binding.params)
+        binding = self.binding.replaced(shard_bounds(new), owners)
+        view = ShardPlan(binding)
         with deferred_interrupts(), torch.no_grad():
             if dsts:
                 torch._foreach_copy_(dsts, srcs)  # one call: it runs whole or not at all
@@ -106,7 +114,7 @@ class ConstraintEngine:
             for state, fresh in lbfgs:
                 state.clear()
                 state.update(fresh)
-            self.binding, self._full_view = binding, view
+            self.binding, self._shards = binding, view
         return self
 
     def detach(self, target) -> ConstraintEngine:
@@ -117,9 +125,7 @@ class ConstraintEngine:
             raise ConstraintError(
                 f"detach({target!r}): no constrained parameter among {[m.name for m in matches]}"
             )
-        binding = self.binding.replaced(dict.fromkeys(gone))
-        view = FullView(binding.params)
-        self.binding, self._full_view = binding, view
+        self._bind(self.binding.replaced(dict.fromkeys(gone)))
         return self
 
     # -- the step ----------------------------------------------------------------------------------
@@ -153,11 +159,11 @@ class ConstraintEngine:
         return loss
 
     def _project_grads(self, watch) -> None:
-        with self._full_view.gathered(self.binding.groups, grads=True, grads_back=True) as groups:
+        with self._shards.grad_groups(self.binding.groups) as groups:
             project_grads(groups, watch)
 
     def _project_params(self, watch) -> BaseException | None:
-        with self._full_view.gathered(self.binding.groups, params_back=True) as groups:
+        with self._shards.param_groups(self.binding.groups) as groups:
             return project_params(groups, watch)
 
     def _after_inner_step(self, watch, done: bool) -> None:
@@ -173,17 +179,21 @@ class ConstraintEngine:
 
     def _finish(self, watch) -> None:
         """Turn the watched step into records (one host read), report, log, apply the policy."""
-        binding, step = self.binding, self.steps_taken
+        binding, step, shards = self.binding, self.steps_taken, self._shards
         records = None
         if watch.audited:
-            rows = watch.rows(binding.ordered)
+            # sharded: partial sums and maxima of every rank, reduced once, so all ranks agree
+            rows = shards.rows(watch) if shards else watch.rows(binding.ordered)
             records = self.audit.add(step, binding.names, binding.labels, [r[:4] for r in rows])
             norms = [r[4] for r in rows]
             bad = [i for i, n in enumerate(norms) if not math.isfinite(n)]
         else:
-            bad = watch.nonfinite() or []
+            bad = shards.nonfinite(watch) if shards else (watch.nonfinite() or [])
         if bad:
-            repair(binding, self.optimizer, bad)
+            if shards:
+                shards.repair(self.optimizer, bad)
+            else:
+                repair(binding, self.optimizer, bad)
         self._log()
         if bad:
             self.audit.note_nonfinite(step, [binding.names[i] for i in bad], [binding.labels[i] for i in bad])
@@ -198,12 +208,15 @@ class ConstraintEngine:
         """Rebind the bounds of parameters cast or moved since attach (``model.to(...)``)."""
         changes = rebound_after_casts(self.binding)
         if changes:
-            self._bind(self.binding.replaced(changes))
+            self._bind(self.binding.replaced(shard_bounds(changes)))
 
     def _log(self) -> None:
-        """Every ``log_every`` steps, the latest audited step as one INFO block. Logging never
-        breaks training: a failing handler is the logging module's to report."""
+        """Every ``log_every`` steps, the latest audited step as one INFO block (with sharded
+        parameters, on rank 0 only: every rank holds the same numbers). Logging never breaks
+        training: a failing handler is the logging module's to report."""
         if not (self.log_every and self.steps_taken % self.log_every == 0 and self.audit.last):
+            return
+        if self._shards and world()[0] != 0:
             return
         if log.isEnabledFor(logging.INFO):
             from .report import log_step
@@ -218,6 +231,8 @@ class ConstraintEngine:
     def project_(self) -> None:
         """Project every constrained parameter onto its set now (a collective when parameters
         are sharded: call it on every rank)."""
+        if self._shards:
+            barrier("project_()")
         with deferred_interrupts():
             error = self._project_params(NoWatch())
         if error is not None:
@@ -225,13 +240,16 @@ class ConstraintEngine:
 
     @torch.no_grad()
     def check(self, atol: float | None = None) -> None:
-        """Raise `ConstraintViolation` naming every parameter off its set, with its distance."""
+        """Raise `ConstraintViolation` naming every parameter off its set, with its distance. A
+        collective when parameters are sharded (one all-reduce; every rank raises alike)."""
         off = []
-        param: torch.Tensor
-        for param, bound in self.binding.bounds.items():
-            param = full(param)
-            distance = float(torch.linalg.vector_norm(bound.residual(param).float()))
-            scale = float(torch.linalg.vector_norm(param.float()))
+        if self._shards:
+            barrier("check()")
+            measured = self._shards.distances()
+        else:
+            measured = [(float(torch.linalg.vector_norm(b.residual(p).float())),
+                         float(torch.linalg.vector_norm(p.float()))) for b, p in zip(self.binding.ordered, self.binding.params)]
+        for param, bound, (distance, scale) in zip(self.binding.params, self.binding.ordered, measured):
             limit = atol if atol is not None else default_atol(scale, param)
             if not (distance <= limit and math.isfinite(scale)):
                 off.append(f"{bound.name}: distance {distance:.3g} > {limit:.3g} from {bound.constraint!r}")
@@ -249,9 +267,9 @@ class ConstraintEngine:
 
     def commit_load(self, plan: checkpoint.LoadPlan) -> None:
         binding = self.binding.replaced(plan.bounds)
-        view = FullView(binding.params)
+        view = ShardPlan(binding)
         with deferred_interrupts():  # plain Python only: nothing here can raise half-way
-            self.binding, self._full_view = binding, view
+            self.binding, self._shards = binding, view
             vars(self.audit).update(vars(plan.audit))
             self.steps_taken = plan.steps_taken
 

@@ -19,7 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import NO_CONSTRAINT_STATE, LoadPlan, check_optimizer_state
+from .checkpoint import (
+    NO_CONSTRAINT_STATE,
+    LoadPlan,
+    called_by_dcp,
+    check_optimizer_state,
+    into_param_state,
+    split_constraints,
+)
 from .constraints.base import Constraint
 from .engine import ConstraintEngine, engine_of, make_engine, release
 from .errors import ConstraintError
@@ -77,14 +84,15 @@ class ConstraintHandle(EngineSurface):
     # -- checkpoints through the optimizer's own state_dict --------------------------------------------
     def _save_hook(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
         if self.active:
+            if called_by_dcp():  # get_state_dict keeps the per-parameter entries only
+                return into_param_state(state_dict, optimizer, self.engine.binding, self.engine.state_dict())
             state_dict["constraints"] = self.engine.state_dict()
         return state_dict
 
     def _validate_hook(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
         if not self.active:
             return state_dict
-        state_dict = dict(state_dict)
-        constraints = state_dict.pop("constraints", None)
+        constraints, state_dict = split_constraints(state_dict)
         if constraints is None:
             raise ConstraintError(NO_CONSTRAINT_STATE + "; or remove() the constrain() handle first")
         plan = self.engine.plan_load(constraints)
@@ -122,11 +130,17 @@ class ConstraintHandle(EngineSurface):
         return super().attach(target, constraint)
 
     def state_dict(self) -> dict[str, Any]:
-        """The constraints' data, the step count and the audit (not the optimizer's state)."""
+        """The constraints' data, the step count and the audit (not the optimizer's state).
+
+        The optimizer's own ``state_dict`` carries the same under ``"constraints"``, or, under
+        ``torch.distributed.checkpoint``'s ``get_state_dict``, in each constrained parameter's
+        entry (``"constraint.*"`` keys; a sharded parameter's data as a DTensor shard, resharded by
+        DCP). Not a collective."""
         return self.engine.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load what `state_dict` saved; validated whole first, so a mismatch changes nothing."""
+        """Load what `state_dict` saved; validated whole first, so a mismatch changes nothing.
+        Not a collective: each rank loads its own shards."""
         self.engine.load_state_dict(state)
 
     def __repr__(self) -> str:

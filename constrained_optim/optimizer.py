@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
-from .checkpoint import check_optimizer_state
+from .checkpoint import called_by_dcp, check_optimizer_state, into_param_state, split_constraints
 from .constraints.base import Constraint
 from .engine import make_engine
 from .surface import EngineSurface
@@ -106,12 +106,22 @@ class ConstrainedOptimizer(EngineSurface, torch.optim.Optimizer):
 
         Every tensor is a copy, so the returned dict never changes with later steps or loads. The
         wrapped optimizer's keys are unchanged, so the same checkpoint also loads into a plain
-        optimizer. A collective when parameters are sharded: call it on every rank.
+        optimizer.
+
+        Under ``torch.distributed.checkpoint``'s ``get_state_dict(model, opt)``, which keeps only
+        the per-parameter entries, the same data rides in each constrained parameter's entry
+        under ``"constraint.*"`` keys instead (`checkpoint.into_param_state`); ``set_state_dict``
+        and `load_state_dict` read either. With sharded parameters the constraint data of each
+        shard is a DTensor sharded like the parameter (resharded by DCP like ``exp_avg``): not a
+        collective, but call it on every rank, as DCP does.
         """
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         state = tree_map_only(torch.Tensor, lambda t: t.detach().clone(), self.optimizer.state_dict())
-        state["constraints"] = self.engine.state_dict()
+        if called_by_dcp():
+            state = into_param_state(state, self.optimizer, self.engine.binding, self.engine.state_dict())
+        else:
+            state["constraints"] = self.engine.state_dict()
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state)
             state = state if result is None else result
@@ -126,12 +136,17 @@ class ConstrainedOptimizer(EngineSurface, torch.optim.Optimizer):
         data, the audit, parameter groups, the shapes of constrained parameters' optimizer
         state): a checkpoint that does not fit raises `ConstraintError` saying what is wrong,
         and nothing changes, also under KeyboardInterrupt.
+
+        A distributed checkpoint's state (``set_state_dict`` after ``dcp.load``) is read from the
+        parameters' entries; a sharded parameter's data as saved by any world size, resharded.
+        Not a collective: each rank validates and loads its own shards.
         """
         state_dict = dict(state_dict)
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             state_dict = state_dict if result is None else result
-        plan = self.engine.plan_load(state_dict.pop("constraints", None))
+        constraints, state_dict = split_constraints(state_dict)
+        plan = self.engine.plan_load(constraints)
         check_optimizer_state(self.optimizer, state_dict, self.engine.binding)
         inner = self.optimizer
         before = {"state": inner.state, "param_groups": inner.param_groups}

@@ -1,7 +1,7 @@
 """The two projections of a step, each in exactly one place, and what a step may need besides.
 
-`project_grads` and `project_params` walk a binding's groups (or their full-tensor stand-ins,
-for sharded parameters) and call each family's grouped projection once per group, with a
+`project_grads` and `project_params` walk a binding's groups (or, for sharded parameters, the
+plain-tensor groups `sharding.ShardPlan` hands over: local shards, or gathered wholes) and call each family's grouped projection once per group, with a
 watcher (`audit.watch`) looking before and after; nothing else projects during a step.
 """
 

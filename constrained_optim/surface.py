@@ -35,7 +35,10 @@ class EngineSurface:
         a module class (the ``weight`` of every such module) or an ``nn.Parameter``. The
         parameters and the optimizer state already held for them are projected at once. A
         second constraint on a parameter means the intersection; the same constraint again
-        changes nothing. A collective when parameters are sharded: call it on every rank. Raises
+        changes nothing. A collective when parameters are sharded (each newly constrained one is
+        gathered once, to bind the set and project it; under gloo it starts with a monitored
+        barrier, so a call on some ranks only fails after ``CONSTRAINED_OPTIM_BARRIER_TIMEOUT``
+        seconds instead of hanging): call it on every rank, in the same order. Raises
         `ConstraintError` and changes nothing if the target matches nothing, a parameter is not
         held by the wrapped optimizer, or the constraint cannot take its shape or dtype.
         """
@@ -48,8 +51,9 @@ class EngineSurface:
         return self
 
     def project_(self) -> None:
-        """Project every constrained parameter onto its set now (a collective when parameters are
-        sharded: call it on every rank)."""
+        """Project every constrained parameter onto its set now. A collective when parameters are
+        sharded (gathered sets gather, norm sets all-reduce; under gloo a monitored barrier
+        first): call it on every rank."""
         self.engine.project_()
 
     def project_module_(self, module: nn.Module) -> None:
@@ -59,7 +63,9 @@ class EngineSurface:
         points of a convex set (every linear set, boxes, balls) stays in it, up to rounding, but
         an average of points of a non-convex set (`UnitNorm`, `Orthogonal`, `LowRank`, sparsity
         patterns that change) does not; ``project_module_(averaged)`` puts the copy back on
-        the sets. Names may carry a wrapper's prefix (``module.``, ``_orig_mod.``).
+        the sets. Names may carry a wrapper's prefix (``module.``, ``_orig_mod.``). A collective
+        when parameters are sharded (each constrained parameter and its copy are gathered):
+        call it on every rank.
         """
         self.engine.project_module_(module)
 
@@ -68,7 +74,10 @@ class EngineSurface:
 
         The default ``atol`` is a few float eps relative to each parameter's scale (its norm,
         times the square root of the smaller side of its matrix view). A collective when
-        parameters are sharded: call it on every rank."""
+        parameters are sharded (one all-reduce of every parameter's distance and norm, so every
+        rank raises alike; gathered sets gather; under gloo a monitored barrier first, so a call
+        on some ranks only fails after ``CONSTRAINED_OPTIM_BARRIER_TIMEOUT`` seconds instead of
+        hanging): call it on every rank."""
         self.engine.check(atol)
 
     @property

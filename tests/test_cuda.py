@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 import constrained_optim as co
+
 from cases import CASES
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-O = torch.optim
+O = torch.optim  # noqa: E741 - as in the optimizer tests
 CUDA_OPTIMIZERS = {
     "SGD-momentum-foreach": lambda p: O.SGD(p, lr=0.05, momentum=0.9, foreach=True),
     "SGD-momentum-fused": lambda p: O.SGD(p, lr=0.05, momentum=0.9, fused=True),
@@ -39,7 +40,7 @@ def test_constraint_holds_after_every_step_on_cuda(case, opt_name):
     model = nn.Module()
     model.w = p
     opt = co.ConstrainedOptimizer(CUDA_OPTIMIZERS[opt_name]([p]), model)
-    for warm in range(2):  # a warm optimizer: state off the set before the attach
+    for _warm in range(2):  # a warm optimizer: state off the set before the attach
         opt.zero_grad()
         loss_fn(p, target).backward()
         opt.step()

@@ -48,6 +48,11 @@ class FiniteWatch:
         if group.params:
             self._norms += norms(group.params)[0]
 
+    def columns(self, bounds) -> list[list[torch.Tensor]]:
+        """The step's numbers as columns of 0-d tensors, one entry per bound in group order, not
+        yet read: ``[||x||]`` here (sharded training reduces them across ranks first)."""
+        return [self._norms]
+
     def nonfinite(self) -> list[int] | None:
         """Positions (in group order) of parameters holding NaN or inf, or None if all finite."""
         if not self._norms or all_finite(self._norms):
@@ -127,9 +132,10 @@ class AuditWatch(FiniteWatch):
                 self._norms.append(measured_norms[i])
                 self._residual.append(measured_residuals[i])
 
-    def rows(self, bounds) -> list[tuple[float, float, float, float, float]]:
-        """``(drift, drift_max, residual, grad_blocked, ||x||)`` per bound in group order, read with
-        one host copy per device."""
+    def columns(self, bounds) -> list[list[torch.Tensor]]:
+        """``[drift, drift_max, residual, removed, total, ||x||]`` as columns of 0-d tensors per
+        bound in group order (``removed`` and ``total``: the norms of the gradient's removed part
+        and of the gradient, nan where there was no gradient projection)."""
         nan = {}
         removed, total = [], []
         for b, d in zip(bounds, self._drift):
@@ -140,8 +146,18 @@ class AuditWatch(FiniteWatch):
                 pair = (nan[d.device], nan[d.device])
             removed.append(pair[0])
             total.append(pair[1])
-        rows = fetch([self._drift, self._drift_max, self._residual, removed, total, self._norms])
-        return [(d, dm, r, rm / t if t > 0 else math.nan, n) for d, dm, r, rm, t, n in rows]
+        return [self._drift, self._drift_max, self._residual, removed, total, self._norms]
+
+    def rows(self, bounds) -> list[tuple[float, float, float, float, float]]:
+        """``(drift, drift_max, residual, grad_blocked, ||x||)`` per bound in group order, read with
+        one host copy per device."""
+        return as_rows(fetch(self.columns(bounds)))
+
+
+def as_rows(values) -> list[tuple[float, float, float, float, float]]:
+    """Rows of `AuditWatch.columns` read as floats (``fetch``), with the share of each gradient
+    blocked in place of the removed and total norms."""
+    return [(d, dm, r, rm / t if t > 0 else math.nan, n) for d, dm, r, rm, t, n in values]
 
 
 def _lands_exactly(bound, param) -> bool:

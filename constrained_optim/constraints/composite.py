@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -561,7 +562,7 @@ class IntersectionBound(Bound):
     def _plan(self) -> None:
         members = self.members
         if len(members) == 1 or all(b.traits.elementwise and b.traits.convex for b in members):
-            self.blocks = [InTurn(members)]
+            self.blocks: list[Any] = [InTurn(members)]
             self.tangent, self.grad_rest = self.blocks[0], []
         else:
             lin = [b for b in members if b.traits.linear]

@@ -16,7 +16,6 @@ from .base import Bound, Constraint, Traits, normalize_dims
 from .coordinate import MaskBound
 from .layout import input_dim
 
-
 # -- pure maths ---------------------------------------------------------------------------------
 #: groups up to this size are ranked by pairwise comparison (``m (m - 1) / 2`` compares), larger
 #: ones by a sort
