@@ -80,8 +80,10 @@ def report(times: dict[str, list[float]], clock: str) -> None:
     for k, label in (("bare", "bare Adam step"), ("off", "audit_every=0"), ("every", "audit_every=1")):
         print(f"    {label:<16} {med[k] * 1e3:8.2f} ms")
     print(f"    constraint work (off - bare) / bare: {(med['off'] - med['bare']) / med['bare']:6.3f}x")
-    print(f"    audit cost (every - off) / bare:     {(med['every'] - med['off']) / med['bare']:6.3f}x"
-          f"   (median of paired rounds: {paired / med['bare']:.3f}x; target <= 0.15x)")
+    print(
+        f"    audit cost (every - off) / bare:     {(med['every'] - med['off']) / med['bare']:6.3f}x"
+        f"   (median of paired rounds: {paired / med['bare']:.3f}x; target <= 0.15x)"
+    )
 
 
 def main(argv=None):
@@ -93,13 +95,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    variants = {"bare": make(None, args.device), "off": make(0, args.device),
-                "every": make(1, args.device)}
+    variants = {"bare": make(None, args.device), "off": make(0, args.device), "every": make(1, args.device)}
     wall: dict[str, list[float]] = {k: [] for k in variants}
     cpu: dict[str, list[float]] = {k: [] for k in variants}
     names = list(variants)
     for i in range(args.warmup + args.repeats):
-        order = names[i % 3:] + names[: i % 3]
+        order = names[i % 3 :] + names[: i % 3]
         for name in order:
             model, opt, keeps = variants[name]
             w, c = time_step(model, opt, keeps, masked=name == "bare", device=args.device)
@@ -109,9 +110,11 @@ def main(argv=None):
     # the audit really ran, and measured what it should: nothing drifts under a Mask with Adam
     audit = variants["every"][1].audit
     assert len(audit.last) == 8 and all(r.drift == 0.0 and r.residual == 0.0 for r in audit.last)
-    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads; "
-          f"8 x Linear(1024, 1024), Mask on every weight, Adam(foreach=True); "
-          f"{args.repeats} interleaved rounds, medians")
+    print(
+        f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads; "
+        f"8 x Linear(1024, 1024), Mask on every weight, Adam(foreach=True); "
+        f"{args.repeats} interleaved rounds, medians"
+    )
     report(wall, "wall clock")
     if args.device == "cpu":
         report(cpu, "CPU time (all threads; steadier on a shared machine)")

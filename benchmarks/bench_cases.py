@@ -61,9 +61,12 @@ CASES = {
     "symmetric": (linears, adam, lambda n, p: co.Symmetric(), 1),
     "fixed-centre": (convs, adam, lambda n, p: co.Fixed((..., 1, 1), 0.0), 1),
     "nm24": (linears, adam, lambda n, p: co.NMSparsity(2, 4, fixed=False), 1),
-    "resnet-maxnorm-fixed": (resnet18_convs, sgdm,
-                             lambda n, p: (co.MaxNorm(1.0) & co.Fixed((..., 1, 1), 0.0))
-                             if p.shape[-1] == 3 else None, 1),
+    "resnet-maxnorm-fixed": (
+        resnet18_convs,
+        sgdm,
+        lambda n, p: (co.MaxNorm(1.0) & co.Fixed((..., 1, 1), 0.0)) if p.shape[-1] == 3 else None,
+        1,
+    ),
     "small-masks-off": (lambda: linears(48, 64), adamw, lambda n, p: _mask(p), 0),
     "small-masks-audit": (lambda: linears(48, 64), adamw, lambda n, p: _mask(p), 1),
     "orthogonal": (lambda: linears(1, 1024), adam, lambda n, p: co.Orthogonal(), 1),

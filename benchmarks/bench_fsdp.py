@@ -43,8 +43,21 @@ LAYERS = 8
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (n, ctypes.c_size_t)
+        for n in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"))
@@ -115,7 +128,7 @@ def run_rank(d: int, kind: str, steps: int, rank: int, world: int) -> dict:
 
     def iteration(k):
         g = torch.Generator().manual_seed(k)
-        x = torch.randn(rows * world, d, generator=g)[rank * rows:(rank + 1) * rows]
+        x = torch.randn(rows * world, d, generator=g)[rank * rows : (rank + 1) * rows]
         opt.zero_grad()
         net(x).square().mean().backward()
 
@@ -135,8 +148,13 @@ def run_rank(d: int, kind: str, steps: int, rank: int, world: int) -> dict:
                 opt.step()
             sizes.append(sum(nbytes.values()))
             gathered.append(gathers(calls))
-    result = {"peak": max(peaks) - start, "held": max(held) - start,
-              "ms": 1e3 * statistics.median(times), "bytes": max(sizes), "gathers": max(gathered)}
+    result = {
+        "peak": max(peaks) - start,
+        "held": max(held) - start,
+        "ms": 1e3 * statistics.median(times),
+        "bytes": max(sizes),
+        "gathers": max(gathered),
+    }
     return result
 
 
@@ -148,11 +166,31 @@ def free_port() -> int:
 
 def launch(world: int, dims, steps: int) -> dict:
     out = tempfile.mkdtemp()
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world),
-               OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, __file__, "--rank-of", str(world), "--dims", *map(str, dims),
-                               "--steps", str(steps), "--out", out], env=dict(env, RANK=str(r)))
-             for r in range(world)]
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        WORLD_SIZE=str(world),
+        OMP_NUM_THREADS="1",
+    )
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--rank-of",
+                str(world),
+                "--dims",
+                *map(str, dims),
+                "--steps",
+                str(steps),
+                "--out",
+                out,
+            ],
+            env=dict(env, RANK=str(r)),
+        )
+        for r in range(world)
+    ]
     for p in procs:
         if p.wait(timeout=1800) != 0:
             raise SystemExit(f"a rank of world {world} failed")
@@ -185,10 +223,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.rank_of is not None:
         return worker(args.rank_of, args.dims, args.steps, args.out)
-    mib = 2 ** 20
+    mib = 2**20
     print(f"{LAYERS} x Linear(d, d), Adam, FSDP2 on CPU/gloo; worst rank shown; torch {torch.__version__}")
-    print(f"{'d':>5} {'W':>2} {'set':>8} {'peak MiB':>9} {'extra MiB':>9} {'x W':>6} {'ratio':>6} "
-          f"{'held MiB':>8} {'step ms':>8} {'x plain':>7} {'coll. bytes':>11} {'gathers':>7}")
+    print(
+        f"{'d':>5} {'W':>2} {'set':>8} {'peak MiB':>9} {'extra MiB':>9} {'x W':>6} {'ratio':>6} "
+        f"{'held MiB':>8} {'step ms':>8} {'x plain':>7} {'coll. bytes':>11} {'gathers':>7}"
+    )
     for world in args.worlds:
         ranks = launch(world, args.dims, args.steps)
         for d in args.dims:
@@ -202,10 +242,12 @@ def main() -> None:
                 held = max(row["held"] - p["held"] for row, p in zip(rows, plain.values()))
                 ms = max(row["ms"] for row in rows)
                 plain_ms = max(p["ms"] for p in plain.values())
-                print(f"{d:>5} {world:>2} {kind:>8} {max(total) / mib:>9.1f} {extra / mib:>9.2f} "
-                      f"{extra * world / mib:>6.2f} {ratio:>6.3f} {held / mib:>8.2f} {ms:>8.1f} "
-                      f"{ms / plain_ms:>7.2f} {max(r['bytes'] for r in rows):>11} "
-                      f"{max(r['gathers'] for r in rows):>7}")
+                print(
+                    f"{d:>5} {world:>2} {kind:>8} {max(total) / mib:>9.1f} {extra / mib:>9.2f} "
+                    f"{extra * world / mib:>6.2f} {ratio:>6.3f} {held / mib:>8.2f} {ms:>8.1f} "
+                    f"{ms / plain_ms:>7.2f} {max(r['bytes'] for r in rows):>11} "
+                    f"{max(r['gathers'] for r in rows):>7}"
+                )
 
 
 if __name__ == "__main__":

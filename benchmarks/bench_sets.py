@@ -55,14 +55,18 @@ def main(argv=None):
     for count, shape in ((512, (32, 32)), (64, (256, 256))):
         xs = [torch.randn(shape) for _ in range(count)]
         bounds = [bind(co.Box(-0.5, 0.5), x.clone()) for x in xs]
-        compare(f"Box, {count} x {shape}: grouped (A) / loop (B)",
-                lambda bounds=bounds, xs=xs: BoxBound.project_all_(bounds, xs),
-                lambda bounds=bounds, xs=xs: [b.project_(x) for b, x in zip(bounds, xs)],
-                args.repeats)
-        compare(f"Box, {count} x {shape}: grouped (A) / two foreach (B)",
-                lambda bounds=bounds, xs=xs: BoxBound.project_all_(bounds, xs),
-                lambda xs=xs: (torch._foreach_clamp_min_(xs, -0.5), torch._foreach_clamp_max_(xs, 0.5)),
-                args.repeats)
+        compare(
+            f"Box, {count} x {shape}: grouped (A) / loop (B)",
+            lambda bounds=bounds, xs=xs: BoxBound.project_all_(bounds, xs),
+            lambda bounds=bounds, xs=xs: [b.project_(x) for b, x in zip(bounds, xs)],
+            args.repeats,
+        )
+        compare(
+            f"Box, {count} x {shape}: grouped (A) / two foreach (B)",
+            lambda bounds=bounds, xs=xs: BoxBound.project_all_(bounds, xs),
+            lambda xs=xs: (torch._foreach_clamp_min_(xs, -0.5), torch._foreach_clamp_max_(xs, 0.5)),
+            args.repeats,
+        )
 
     w = torch.randn(1024, 512, 3, 3)
     bound = bind(co.MaxNorm(1.0), w.clone())
@@ -73,21 +77,33 @@ def main(argv=None):
             if n > 1.0:
                 row.mul_(1.0 / n)
 
-    compare("MaxNorm, (1024, 512, 3, 3): batched (A) / loop (B)", lambda: bound.project_(w), loop_max_norm,
-            args.repeats)
+    compare(
+        "MaxNorm, (1024, 512, 3, 3): batched (A) / loop (B)",
+        lambda: bound.project_(w),
+        loop_max_norm,
+        args.repeats,
+    )
 
     s = torch.randn(2048, 64)
     sbound = bind(co.Simplex(), s.clone())
-    compare("Simplex, (2048, 64): batched (A) / per unit (B)", lambda: sbound.project_(s.clone()),
-            lambda: [simplex_rows(row.view(1, -1), 1.0) for row in s], args.repeats)
+    compare(
+        "Simplex, (2048, 64): batched (A) / per unit (B)",
+        lambda: sbound.project_(s.clone()),
+        lambda: [simplex_rows(row.view(1, -1), 1.0) for row in s],
+        args.repeats,
+    )
 
     p = torch.randn(512, 4608)
     obound = bind(co.Orthogonal(), p.clone())
     obound.project_(p)
     off = p + 1e-3 * torch.randn_like(p)
     g = torch.randn_like(p)
-    compare("Orthogonal grad, (512, 4608): on (A) / off (B)",
-            lambda: obound.project_grad_(g.clone(), p), lambda: obound.project_grad_(g.clone(), off), args.repeats)
+    compare(
+        "Orthogonal grad, (512, 4608): on (A) / off (B)",
+        lambda: obound.project_grad_(g.clone(), p),
+        lambda: obound.project_grad_(g.clone(), off),
+        args.repeats,
+    )
 
 
 if __name__ == "__main__":

@@ -69,8 +69,10 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          "8 x Linear(1024, 1024), Adam(foreach=True)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        "8 x Linear(1024, 1024), Adam(foreach=True)"
+    )
     print(f"{'constraint':<14} {'bare step ms':>12} {'constrained ms':>15} {'overhead':>9}")
     for kind in ("mask", "fixed-columns", "tied", "symmetric"):
         model, opt = make(kind, True)

@@ -195,10 +195,14 @@ class BasicBlock(nn.Module):
 
 def resnet18_shaped(width: int = 64, classes: int = 10) -> nn.Sequential:
     """ResNet-18's layout (7x7 stem, BasicBlocks [2, 2, 2, 2], widths width..8*width), random init."""
-    layers: list[nn.Module] = [nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-                               nn.MaxPool2d(3, 2, 1)]
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, width, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, 1),
+    ]
     cin = width
-    for stage, cout in enumerate(width * 2 ** i for i in range(4)):
+    for stage, cout in enumerate(width * 2**i for i in range(4)):
         for block in range(2):
             layers.append(BasicBlock(cin, cout, 2 if stage > 0 and block == 0 else 1))
             cin = cout
@@ -241,8 +245,11 @@ class GPT(nn.Module):
 def random_masks(model: nn.Module, device: str) -> dict[str, torch.Tensor]:
     """A random half-free uint8 mask per weight, seeded, keyed by parameter name."""
     g = torch.Generator().manual_seed(1)
-    return {n: (torch.rand(p.shape, generator=g) > 0.5).to(device=device, dtype=torch.uint8)
-            for n, p in model.named_parameters() if n.endswith("weight")}
+    return {
+        n: (torch.rand(p.shape, generator=g) > 0.5).to(device=device, dtype=torch.uint8)
+        for n, p in model.named_parameters()
+        if n.endswith("weight")
+    }
 
 
 # -- building A and B from one start ---------------------------------------------------------------
@@ -263,11 +270,13 @@ def pair(model: nn.Module, make_inner, attach: Callable, audits: dict[str, int])
 def attach_each(constraint_for: Callable[[str, nn.Module], co.Constraint | None]) -> Callable:
     """``attach(opt, model)`` attaching ``constraint_for(name, module)`` to every module's weight
     where it returns a constraint."""
+
     def attach(opt, model):
         for name, module in model.named_modules():
             c = constraint_for(name, module)
             if c is not None:
                 opt.attach(name, c)
+
     return attach
 
 
@@ -275,6 +284,7 @@ def attach_masks(masks: dict[str, torch.Tensor]) -> Callable:
     def attach(opt, model):
         for name, keep in masks.items():
             opt.attach(name, co.Mask(keep.bool()))
+
     return attach
 
 
@@ -285,6 +295,7 @@ def mask_grads(masks: dict[str, torch.Tensor]) -> Callable:
 
     def project(model):
         torch._foreach_mul_([model.get_parameter(n).grad for n in masks], keeps)
+
     return project
 
 
@@ -319,20 +330,24 @@ def synthetic_variants(variants: dict[str, tuple], project_plain: Callable, devi
             torch._foreach_copy_([p.grad for p in params], grads)
             if plain:
                 project_plain(model)
+
         out[name] = [(None, load), ("step", opt.step)]
     return out
 
 
-def training_variants(variants: dict[str, tuple], batch: tuple, loss_fn: Callable,
-                      project_plain: Callable) -> dict[str, Phases]:
+def training_variants(
+    variants: dict[str, tuple], batch: tuple, loss_fn: Callable, project_plain: Callable
+) -> dict[str, Phases]:
     """Each variant's round: a timed zero_grad + forward + backward (``fb``), the baseline's gradient
     projection (untimed), then the timed ``step``."""
     x, y = batch
     out = {}
     for name, (model, opt) in variants.items():
+
         def fb(model=model, opt=opt):
             opt.zero_grad()
             loss_fn(model(x), y).backward()
+
         phases: Phases = [("fb", fb)]
         if name == "plain":
             phases.append((None, lambda model=model: project_plain(model)))
@@ -363,15 +378,30 @@ def rows_masked_linear(cfg: Config) -> list[Row]:
     torch.manual_seed(0)
     model = linears(8, size)
     masks = random_masks(model, cfg.device)
-    times, threads = run_synthetic(model, adam, attach_masks(masks), {"off": 0, "every": 1},
-                                   mask_grads(masks), cfg)
+    times, threads = run_synthetic(
+        model, adam, attach_masks(masks), {"off": 0, "every": 1}, mask_grads(masks), cfg
+    )
     what = f"8 x Linear({size}, {size}), Adam(foreach)"
     note = f"{what}; B: {FAIR}: the same _foreach_mul_ by the same uint8 masks"
     return [
-        Row("1", "Mask 50%, audit off", ratio(times, "off", "plain", "step"), 1.10, note, threads,
-            medians=medians(times, "step")),
-        Row("2", "Mask 50%, audit every step", ratio(times, "every", "plain", "step"), 1.20,
-            f"{what}, default audit; B as row 1", threads, medians=medians(times, "step")),
+        Row(
+            "1",
+            "Mask 50%, audit off",
+            ratio(times, "off", "plain", "step"),
+            1.10,
+            note,
+            threads,
+            medians=medians(times, "step"),
+        ),
+        Row(
+            "2",
+            "Mask 50%, audit every step",
+            ratio(times, "every", "plain", "step"),
+            1.20,
+            f"{what}, default audit; B as row 1",
+            threads,
+            medians=medians(times, "step"),
+        ),
     ]
 
 
@@ -380,9 +410,17 @@ def row_symmetric(cfg: Config) -> list[Row]:
     torch.manual_seed(0)
     attach = attach_each(lambda n, m: co.Symmetric() if isinstance(m, nn.Linear) else None)
     times, threads = run_synthetic(linears(8, size), adam, attach, {"lib": 1}, symmetrize_grads, cfg)
-    return [Row("3", "Symmetric()", ratio(times, "lib", "plain", "step"), 1.30,
-                f"8 x Linear({size}, {size}), Adam(foreach), default audit; B: {FAIR}: (G + G^T) / 2",
-                threads, medians=medians(times, "step"))]
+    return [
+        Row(
+            "3",
+            "Symmetric()",
+            ratio(times, "lib", "plain", "step"),
+            1.30,
+            f"8 x Linear({size}, {size}), Adam(foreach), default audit; B: {FAIR}: (G + G^T) / 2",
+            threads,
+            medians=medians(times, "step"),
+        )
+    ]
 
 
 def row_fixed_conv(cfg: Config) -> list[Row]:
@@ -391,9 +429,17 @@ def row_fixed_conv(cfg: Config) -> list[Row]:
     model = nn.Sequential(*[nn.Conv2d(ch, ch, 3, bias=False) for _ in range(8)])
     attach = attach_each(lambda n, m: co.Fixed((..., 1, 1), 0.0) if isinstance(m, nn.Conv2d) else None)
     times, threads = run_synthetic(model, adam, attach, {"lib": 1}, zero_centre_grads, cfg)
-    return [Row("4", "Fixed centre, 3x3 convs", ratio(times, "lib", "plain", "step"), 1.05,
-                f"8 x Conv2d({ch}, {ch}, 3), Adam(foreach), default audit; B: {FAIR}: G[..., 1, 1] = 0",
-                threads, medians=medians(times, "step"))]
+    return [
+        Row(
+            "4",
+            "Fixed centre, 3x3 convs",
+            ratio(times, "lib", "plain", "step"),
+            1.05,
+            f"8 x Conv2d({ch}, {ch}, 3), Adam(foreach), default audit; B: {FAIR}: G[..., 1, 1] = 0",
+            threads,
+            medians=medians(times, "step"),
+        )
+    ]
 
 
 def row_nm_dynamic(cfg: Config) -> list[Row]:
@@ -401,10 +447,18 @@ def row_nm_dynamic(cfg: Config) -> list[Row]:
     torch.manual_seed(0)
     attach = attach_each(lambda n, m: co.NMSparsity(2, 4, fixed=False) if isinstance(m, nn.Linear) else None)
     times, threads = run_synthetic(linears(8, size), adam, attach, {"lib": 1}, no_projection, cfg)
-    return [Row("5", "NMSparsity(2, 4, fixed=False)", ratio(times, "lib", "plain", "step"), 2.0,
-                f"8 x Linear({size}, {size}), Adam(foreach), default audit; B: a plain Adam step (the "
-                "dynamic pattern projects no gradient; the top-2-of-4 after the step is the library's work)",
-                threads, medians=medians(times, "step"))]
+    return [
+        Row(
+            "5",
+            "NMSparsity(2, 4, fixed=False)",
+            ratio(times, "lib", "plain", "step"),
+            2.0,
+            f"8 x Linear({size}, {size}), Adam(foreach), default audit; B: a plain Adam step (the "
+            "dynamic pattern projects no gradient; the top-2-of-4 after the step is the library's work)",
+            threads,
+            medians=medians(times, "step"),
+        )
+    ]
 
 
 def row_many_small(cfg: Config) -> list[Row]:
@@ -412,17 +466,27 @@ def row_many_small(cfg: Config) -> list[Row]:
     torch.manual_seed(0)
     model = linears(count, size)
     masks = random_masks(model, cfg.device)
-    times, threads = run_synthetic(model, torch.optim.AdamW, attach_masks(masks), {"off": 0, "every": 1},
-                                   mask_grads(masks), cfg)
+    times, threads = run_synthetic(
+        model, torch.optim.AdamW, attach_masks(masks), {"off": 0, "every": 1}, mask_grads(masks), cfg
+    )
     m = medians(times, "step")
     per_param = {k: (m[k] - m["plain"]) / count * 1e6 for k in ("off", "every")}
-    note = (f"{count} x Linear({size}, {size}) masked, AdamW (torch defaults); B: {FAIR}; library "
-            f"overhead per constrained parameter per step: {per_param['off']:.1f} us audit off, "
-            f"{per_param['every']:.1f} us default")
+    note = (
+        f"{count} x Linear({size}, {size}) masked, AdamW (torch defaults); B: {FAIR}; library "
+        f"overhead per constrained parameter per step: {per_param['off']:.1f} us audit off, "
+        f"{per_param['every']:.1f} us default"
+    )
     return [
         Row("9", "48 small masked, audit off", m["off"] / m["plain"], 1.15, note, threads, medians=m),
-        Row("9", "48 small masked, default audit", m["every"] / m["plain"], None,
-            "no target; the audit's fixed cost per step shows at this size", threads, medians=m),
+        Row(
+            "9",
+            "48 small masked, default audit",
+            m["every"] / m["plain"],
+            None,
+            "no target; the audit's fixed cost per step shows at this size",
+            threads,
+            medians=m,
+        ),
     ]
 
 
@@ -431,10 +495,18 @@ def row_orthogonal(cfg: Config) -> list[Row]:
     torch.manual_seed(0)
     attach = attach_each(lambda n, m: co.Orthogonal() if isinstance(m, nn.Linear) else None)
     times, threads = run_synthetic(linears(1, size), adam, attach, {"lib": 1}, no_projection, cfg)
-    return [Row("10", "Orthogonal()", ratio(times, "lib", "plain", "step"), 40.0,
-                f"one {size} x {size} weight, Adam(foreach), default audit; B: the plain Adam step on the "
-                "same raw gradient (the tangent projection and the SVD are the library's work)",
-                threads, medians=medians(times, "step"))]
+    return [
+        Row(
+            "10",
+            "Orthogonal()",
+            ratio(times, "lib", "plain", "step"),
+            40.0,
+            f"one {size} x {size} weight, Adam(foreach), default audit; B: the plain Adam step on the "
+            "same raw gradient (the tangent projection and the SVD are the library's work)",
+            threads,
+            medians=medians(times, "step"),
+        )
+    ]
 
 
 # -- rows 6-8, 12: real models at one thread -------------------------------------------------------
@@ -450,7 +522,9 @@ def run_training(model, make_inner, attach, audits, project_plain, batch, loss_f
 def cnn_batch(cfg: Config):
     n, side = (2, 32) if cfg.quick else (8, 64)
     g = torch.Generator().manual_seed(3)
-    return torch.randn(n, 3, side, side, generator=g).to(cfg.device), torch.randint(0, 10, (n,), generator=g).to(cfg.device)
+    return torch.randn(n, 3, side, side, generator=g).to(cfg.device), torch.randint(
+        0, 10, (n,), generator=g
+    ).to(cfg.device)
 
 
 def is_3x3_conv(m) -> bool:
@@ -460,17 +534,43 @@ def is_3x3_conv(m) -> bool:
 def rows_resnet_sgd(cfg: Config) -> list[Row]:
     torch.manual_seed(0)
     model = resnet18_shaped(32 if cfg.quick else 64)
-    attach = attach_each(lambda n, m: co.MaxNorm(3.0) & co.Fixed((..., 1, 1), 0.0) if is_3x3_conv(m) else None)
-    times, threads = run_training(model, lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9), attach,
-                                  {"lib": 1}, zero_centre_grads, cnn_batch(cfg), F.cross_entropy, cfg)
+    attach = attach_each(
+        lambda n, m: co.MaxNorm(3.0) & co.Fixed((..., 1, 1), 0.0) if is_3x3_conv(m) else None
+    )
+    times, threads = run_training(
+        model,
+        lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9),
+        attach,
+        {"lib": 1},
+        zero_centre_grads,
+        cnn_batch(cfg),
+        F.cross_entropy,
+        cfg,
+    )
     what = "ResNet-18-shaped CNN, batch " + ("2 x 3x32x32, widths 32..256" if cfg.quick else "8 x 3x64x64")
-    note = (f"{what}, SGD(momentum=0.9), MaxNorm(3) & Fixed centre on every 3x3 conv, default audit; "
-            f"B: {FAIR}: G[..., 1, 1] = 0")
+    note = (
+        f"{what}, SGD(momentum=0.9), MaxNorm(3) & Fixed centre on every 3x3 conv, default audit; "
+        f"B: {FAIR}: G[..., 1, 1] = 0"
+    )
     return [
-        Row("6", "ResNet-18 SGD: optimizer step", ratio(times, "lib", "plain", "step"), 1.30, note, threads,
-            medians=medians(times, "step")),
-        Row("6", "ResNet-18 SGD: training step", ratio(times, "lib", "plain", "fb", "step"), 1.10,
-            "forward + backward + step; B as above", threads, medians=medians(times, "fb", "step")),
+        Row(
+            "6",
+            "ResNet-18 SGD: optimizer step",
+            ratio(times, "lib", "plain", "step"),
+            1.30,
+            note,
+            threads,
+            medians=medians(times, "step"),
+        ),
+        Row(
+            "6",
+            "ResNet-18 SGD: training step",
+            ratio(times, "lib", "plain", "fb", "step"),
+            1.10,
+            "forward + backward + step; B as above",
+            threads,
+            medians=medians(times, "fb", "step"),
+        ),
     ]
 
 
@@ -478,11 +578,21 @@ def row_resnet_adamw(cfg: Config) -> list[Row]:
     torch.manual_seed(0)
     model = resnet18_shaped(32 if cfg.quick else 64)
     attach = attach_each(lambda n, m: co.MaxNorm(3.0) if isinstance(m, nn.Conv2d) else None)
-    times, threads = run_training(model, torch.optim.AdamW, attach, {"lib": 1}, no_projection,
-                                  cnn_batch(cfg), F.cross_entropy, cfg)
-    return [Row("7", "ResNet-18 AdamW MaxNorm: step", ratio(times, "lib", "plain", "step"), 1.30,
-                "the row-6 CNN, AdamW (torch defaults), MaxNorm(3) on every conv, default audit; B: a plain "
-                "AdamW step (MaxNorm projects no gradient)", threads, medians=medians(times, "step"))]
+    times, threads = run_training(
+        model, torch.optim.AdamW, attach, {"lib": 1}, no_projection, cnn_batch(cfg), F.cross_entropy, cfg
+    )
+    return [
+        Row(
+            "7",
+            "ResNet-18 AdamW MaxNorm: step",
+            ratio(times, "lib", "plain", "step"),
+            1.30,
+            "the row-6 CNN, AdamW (torch defaults), MaxNorm(3) on every conv, default audit; B: a plain "
+            "AdamW step (MaxNorm projects no gradient)",
+            threads,
+            medians=medians(times, "step"),
+        )
+    ]
 
 
 def gpt_weight(name: str, m) -> bool:
@@ -499,18 +609,48 @@ def rows_gpt(cfg: Config) -> list[Row]:
 
     def keep_of_attached(variants):  # the 2:4 pattern the library chose at attach, as uint8 masks
         lib = variants["lib"][0]
-        return mask_grads({f"{n}.weight": (m.weight != 0).to(torch.uint8)
-                           for n, m in lib.named_modules() if gpt_weight(n, m)})
+        return mask_grads(
+            {
+                f"{n}.weight": (m.weight != 0).to(torch.uint8)
+                for n, m in lib.named_modules()
+                if gpt_weight(n, m)
+            }
+        )
 
-    times, threads = run_training(model, torch.optim.AdamW, attach, {"lib": 1}, None,
-                                  (data[:, :-1], data[:, 1:]), ce, cfg, plain_from=keep_of_attached)
-    note = (f"GPT-2-shaped: 4 blocks, d=128, 4 heads, vocab {vocab}, seq {seq}, batch {batch}; AdamW, "
-            f"NMSparsity(2, 4) on every attention/MLP weight, default audit; B: {FAIR}: the same 2:4 masks")
+    times, threads = run_training(
+        model,
+        torch.optim.AdamW,
+        attach,
+        {"lib": 1},
+        None,
+        (data[:, :-1], data[:, 1:]),
+        ce,
+        cfg,
+        plain_from=keep_of_attached,
+    )
+    note = (
+        f"GPT-2-shaped: 4 blocks, d=128, 4 heads, vocab {vocab}, seq {seq}, batch {batch}; AdamW, "
+        f"NMSparsity(2, 4) on every attention/MLP weight, default audit; B: {FAIR}: the same 2:4 masks"
+    )
     return [
-        Row("8", "GPT-2 AdamW 2:4: optimizer step", ratio(times, "lib", "plain", "step"), 1.30, note, threads,
-            medians=medians(times, "step")),
-        Row("8", "GPT-2 AdamW 2:4: training step", ratio(times, "lib", "plain", "fb", "step"), 1.10,
-            "forward + backward + step; B as above", threads, medians=medians(times, "fb", "step")),
+        Row(
+            "8",
+            "GPT-2 AdamW 2:4: optimizer step",
+            ratio(times, "lib", "plain", "step"),
+            1.30,
+            note,
+            threads,
+            medians=medians(times, "step"),
+        ),
+        Row(
+            "8",
+            "GPT-2 AdamW 2:4: training step",
+            ratio(times, "lib", "plain", "fb", "step"),
+            1.10,
+            "forward + backward + step; B as above",
+            threads,
+            medians=medians(times, "fb", "step"),
+        ),
     ]
 
 
@@ -525,6 +665,7 @@ class MaskParametrization(nn.Module):
 
 def prune_model(model: nn.Module, masks: dict[str, torch.Tensor], inplace: bool = False) -> nn.Module:
     from torch.nn.utils import prune
+
     m = model if inplace else copy.deepcopy(model)
     for name, keep in masks.items():
         prune.custom_from_mask(m.get_submodule(name.rsplit(".", 1)[0]), "weight", keep.bool())
@@ -533,10 +674,12 @@ def prune_model(model: nn.Module, masks: dict[str, torch.Tensor], inplace: bool 
 
 def parametrize_model(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
     from torch.nn.utils import parametrize
+
     m = copy.deepcopy(model)
     for name, keep in masks.items():
-        parametrize.register_parametrization(m.get_submodule(name.rsplit(".", 1)[0]), "weight",
-                                             MaskParametrization(keep))
+        parametrize.register_parametrization(
+            m.get_submodule(name.rsplit(".", 1)[0]), "weight", MaskParametrization(keep)
+        )
     return m
 
 
@@ -552,23 +695,56 @@ def row_mlp_alternatives(cfg: Config) -> list[Row]:
             m = build(start, masks)
             variants[name] = (m, adam(m.parameters()))
         g = torch.Generator().manual_seed(5)
-        data = (torch.randn(batch, width, generator=g).to(cfg.device),
-                torch.randint(0, width, (batch,), generator=g).to(cfg.device))
-        times = measure(training_variants(variants, data, F.cross_entropy, mask_grads(masks)),
-                        cfg)
+        data = (
+            torch.randn(batch, width, generator=g).to(cfg.device),
+            torch.randint(0, width, (batch,), generator=g).to(cfg.device),
+        )
+        times = measure(training_variants(variants, data, F.cross_entropy, mask_grads(masks)), cfg)
     m = medians(times, "fb", "step")
     r = {k: v / m["plain"] for k, v in m.items()}
     rivals = min(r["prune"], r["parametrize"])
     what = f"3 x Linear({width}, {width}) MLP, batch {batch}, 50% masks, Adam(foreach); training step"
     return [
-        Row("12", "MLP masks: library", r["library"], None,
-            f"{what}; default audit; B: {FAIR}", threads, "< prune, param.", r["library"] < rivals, m),
-        Row("12", "MLP masks: library, audit off", r["library_off"], None, "as above, audit_every=0", threads,
-            "< prune, param.", r["library_off"] < rivals, m),
-        Row("12", "MLP masks: torch prune", r["prune"], None,
-            "prune.custom_from_mask (weight = weight_orig * mask in a forward pre-hook)", threads, medians=m),
-        Row("12", "MLP masks: parametrize", r["parametrize"], None,
-            "parametrize.register_parametrization(w * mask), recomputed on every access", threads, medians=m),
+        Row(
+            "12",
+            "MLP masks: library",
+            r["library"],
+            None,
+            f"{what}; default audit; B: {FAIR}",
+            threads,
+            "< prune, param.",
+            r["library"] < rivals,
+            m,
+        ),
+        Row(
+            "12",
+            "MLP masks: library, audit off",
+            r["library_off"],
+            None,
+            "as above, audit_every=0",
+            threads,
+            "< prune, param.",
+            r["library_off"] < rivals,
+            m,
+        ),
+        Row(
+            "12",
+            "MLP masks: torch prune",
+            r["prune"],
+            None,
+            "prune.custom_from_mask (weight = weight_orig * mask in a forward pre-hook)",
+            threads,
+            medians=m,
+        ),
+        Row(
+            "12",
+            "MLP masks: parametrize",
+            r["parametrize"],
+            None,
+            "parametrize.register_parametrization(w * mask), recomputed on every access",
+            threads,
+            medians=m,
+        ),
     ]
 
 
@@ -618,28 +794,51 @@ def row_memory(cfg: Config) -> list[Row]:
     size = 512 if cfg.quick else 2048
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD, PYTHONPATH=str(ROOT))
     # concurrent: each reads its own process's peak, so they need not wait for one another
-    children = {v: subprocess.Popen([sys.executable, __file__, "--child", f"memory:{v}:{size}", "--device",
-                                     cfg.device], env=env, stdout=subprocess.PIPE, text=True)
-                for v in MEMORY_VARIANTS}
+    children = {
+        v: subprocess.Popen(
+            [sys.executable, __file__, "--child", f"memory:{v}:{size}", "--device", cfg.device],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for v in MEMORY_VARIANTS
+    }
     peaks = {}
     for variant, child in children.items():
         out, _ = child.communicate(timeout=600)
         if child.returncode:
             raise RuntimeError(f"memory subprocess {variant} exited {child.returncode}")
         peaks[variant] = json.loads(out.strip().splitlines()[-1])["peak_bytes"]
-    where = "torch.cuda.max_memory_allocated" if cfg.device.startswith("cuda") else \
-        f"VmHWM above the process's import-time peak, MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}"
+    where = (
+        "torch.cuda.max_memory_allocated"
+        if cfg.device.startswith("cuda")
+        else f"VmHWM above the process's import-time peak, MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}"
+    )
     base = f"8 x Linear({size}, {size}) 50% masks, Adam(foreach), 3 training steps, own subprocess each"
-    mib = {k: f"{v / 2 ** 20:.0f}" for k, v in peaks.items()}
+    mib = {k: f"{v / 2**20:.0f}" for k, v in peaks.items()}
     r = {k: v / peaks["plain"] for k, v in peaks.items()}
     return [
-        Row("13", "peak memory: library, audit off", r["library_off"], 1.05,
+        Row(
+            "13",
+            "peak memory: library, audit off",
+            r["library_off"],
+            1.05,
             f"{base}; {where}; B: plain Adam masking its gradients with uint8 masks "
             f"(MiB: plain {mib['plain']}, library off {mib['library_off']}, default {mib['library']}, "
-            f"prune {mib['prune']})", None, medians=peaks),
+            f"prune {mib['prune']})",
+            None,
+            medians=peaks,
+        ),
         Row("13", "peak memory: library, default", r["library"], 1.05, "B as above", None, medians=peaks),
-        Row("13", "peak memory: torch prune", r["prune"], None, "weight_orig + float mask + computed weight",
-            None, medians=peaks),
+        Row(
+            "13",
+            "peak memory: torch prune",
+            r["prune"],
+            None,
+            "weight_orig + float mask + computed weight",
+            None,
+            medians=peaks,
+        ),
     ]
 
 
@@ -647,6 +846,7 @@ def row_memory(cfg: Config) -> list[Row]:
 def compile_child(backend: str, size: int, device: str, repeats: int) -> dict:
     import torch._dynamo
     from torch._dynamo.utils import counters
+
     cfg = Config(device=device, repeats=repeats, warmup=2)
     torch.manual_seed(0)
     model = linears(8, size)
@@ -664,7 +864,9 @@ def compile_child(backend: str, size: int, device: str, repeats: int) -> dict:
         sync(device)
         result[f"compile_s_{name}"] = time.perf_counter() - start
         result[f"graph_breaks_{name}"] = sum(counters["graph_break"].values())
-        result[f"break_reasons_{name}"] = sorted({r.strip().splitlines()[0][:90] for r in counters["graph_break"]})
+        result[f"break_reasons_{name}"] = sorted(
+            {r.strip().splitlines()[0][:90] for r in counters["graph_break"]}
+        )
         result[f"graphs_{name}"] = counters["stats"].get("unique_graphs", 0)
         ph[-1] = ("step", step)
     times = measure(phases, cfg)
@@ -675,15 +877,30 @@ def compile_child(backend: str, size: int, device: str, repeats: int) -> dict:
 
 def row_compile(cfg: Config) -> list[Row]:
     if not cfg.compile:
-        return [Row("11", "torch.compile(opt.step), audit off", None, None, "pass --compile (tens of seconds)")]
+        return [
+            Row("11", "torch.compile(opt.step), audit off", None, None, "pass --compile (tens of seconds)")
+        ]
     size = 256 if cfg.quick else 1024
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     failures = []
     for backend, limit in (("inductor", 300), ("aot_eager", 200)):
         try:
-            out = subprocess.run([sys.executable, __file__, "--child", f"compile:{backend}:{size}", "--device",
-                                  cfg.device, "--repeats", str(cfg.repeats)], env=env, capture_output=True,
-                                 text=True, timeout=limit)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    f"compile:{backend}:{size}",
+                    "--device",
+                    cfg.device,
+                    "--repeats",
+                    str(cfg.repeats),
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=limit,
+            )
         except subprocess.TimeoutExpired:
             failures.append(f"{backend}: no result within {limit} s")
             continue
@@ -692,21 +909,42 @@ def row_compile(cfg: Config) -> list[Row]:
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
         reasons = "; ".join(r["break_reasons_lib"][:3]) or "none"
-        note = (f"8 x Linear({size}, {size}) masked, Adam(foreach), backend {backend}"
-                + (f" ({'; '.join(failures)})" if failures else "")
-                + f"; B: plain Adam's compiled step, {FAIR}. Compile time (not in the ratio): library "
-                  f"{r['compile_s_lib']:.1f} s, plain {r['compile_s_plain']:.1f} s. Graph breaks: library "
-                  f"{r['graph_breaks_lib']} ({reasons}), plain {r['graph_breaks_plain']}")
-        return [Row("11", "torch.compile(opt.step), audit off", r["ratio"], None, note, torch.get_num_threads(),
-                    medians=r)]
+        note = (
+            f"8 x Linear({size}, {size}) masked, Adam(foreach), backend {backend}"
+            + (f" ({'; '.join(failures)})" if failures else "")
+            + f"; B: plain Adam's compiled step, {FAIR}. Compile time (not in the ratio): library "
+            f"{r['compile_s_lib']:.1f} s, plain {r['compile_s_plain']:.1f} s. Graph breaks: library "
+            f"{r['graph_breaks_lib']} ({reasons}), plain {r['graph_breaks_plain']}"
+        )
+        return [
+            Row(
+                "11",
+                "torch.compile(opt.step), audit off",
+                r["ratio"],
+                None,
+                note,
+                torch.get_num_threads(),
+                medians=r,
+            )
+        ]
     return [Row("11", "torch.compile(opt.step), audit off", None, None, "; ".join(failures))]
 
 
 # -- the table -------------------------------------------------------------------------------------
 FAMILIES: dict[str, Callable[[Config], list[Row]]] = {
-    "1": rows_masked_linear, "2": rows_masked_linear, "3": row_symmetric, "4": row_fixed_conv,
-    "5": row_nm_dynamic, "6": rows_resnet_sgd, "7": row_resnet_adamw, "8": rows_gpt, "9": row_many_small,
-    "10": row_orthogonal, "11": row_compile, "12": row_mlp_alternatives, "13": row_memory,
+    "1": rows_masked_linear,
+    "2": rows_masked_linear,
+    "3": row_symmetric,
+    "4": row_fixed_conv,
+    "5": row_nm_dynamic,
+    "6": rows_resnet_sgd,
+    "7": row_resnet_adamw,
+    "8": rows_gpt,
+    "9": row_many_small,
+    "10": row_orthogonal,
+    "11": row_compile,
+    "12": row_mlp_alternatives,
+    "13": row_memory,
 }
 
 
@@ -719,9 +957,15 @@ def machine(cfg: Config) -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "threads": cfg.threads or torch.get_num_threads(), "model_row_threads": 1,
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), "device": cfg.device}
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": cfg.threads or torch.get_num_threads(),
+        "model_row_threads": 1,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": cfg.device,
+    }
     if cfg.device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -732,13 +976,17 @@ def print_table(rows: list[Row], info: dict, cfg: Config) -> None:
     from rich.table import Table
 
     where = f"{info['cpu']}, {info['cores']} cores" + (f", {info['gpu']}" if "gpu" in info else "")
-    title = (f"constrained_optim benchmarks: library / fair baseline\n{where}, torch {info['torch']}, "
-             f"{info['threads']} threads (model rows: 1), device {cfg.device}, {info['date']}")
-    caption = (f"Ratios of medians over {cfg.repeats} interleaved rounds after {cfg.warmup} warm-up rounds "
-               "(time, or peak memory for row 13). Fair baseline B: plain torch fed the SAME projected "
-               "gradients, projected outside the timed region: torch's CPU Adam is about 1.6x slower when "
-               "half its gradient entries are exact zeros, a cost of the masked problem, not of the "
-               "library. On a shared machine single ratios are noisy.")
+    title = (
+        f"constrained_optim benchmarks: library / fair baseline\n{where}, torch {info['torch']}, "
+        f"{info['threads']} threads (model rows: 1), device {cfg.device}, {info['date']}"
+    )
+    caption = (
+        f"Ratios of medians over {cfg.repeats} interleaved rounds after {cfg.warmup} warm-up rounds "
+        "(time, or peak memory for row 13). Fair baseline B: plain torch fed the SAME projected "
+        "gradients, projected outside the timed region: torch's CPU Adam is about 1.6x slower when "
+        "half its gradient entries are exact zeros, a cost of the masked problem, not of the "
+        "library. On a shared machine single ratios are noisy."
+    )
     table = Table(title=title, caption=caption, caption_justify="left")
     table.add_column("#", justify="right", no_wrap=True)
     table.add_column("benchmark", no_wrap=True)
@@ -750,8 +998,15 @@ def print_table(rows: list[Row], info: dict, cfg: Config) -> None:
     for r in rows:
         value = "-" if r.ratio is None else f"{r.ratio:.2f}x"
         style = {"PASS": "green", "MISS": "red"}.get(r.status, "dim")
-        table.add_row(r.row, r.name, value, r.target_label, f"[{style}]{r.status}[/{style}]",
-                      "" if r.threads is None else str(r.threads), r.note)
+        table.add_row(
+            r.row,
+            r.name,
+            value,
+            r.target_label,
+            f"[{style}]{r.status}[/{style}]",
+            "" if r.threads is None else str(r.threads),
+            r.note,
+        )
     Console(width=None if sys.stdout.isatty() else 170).print(table)
 
 
@@ -801,19 +1056,42 @@ def main(argv=None):
             print(json.dumps(compile_child(variant, int(size), args.device, args.repeats or 30)))
         return
 
-    cfg = Config(device=args.device, quick=args.quick, threads=args.threads,
-                 repeats=args.repeats or (3 if args.quick else 30),
-                 warmup=args.warmup if args.warmup is not None else (1 if args.quick else 3),
-                 compile=args.compile or False)
+    cfg = Config(
+        device=args.device,
+        quick=args.quick,
+        threads=args.threads,
+        repeats=args.repeats or (3 if args.quick else 30),
+        warmup=args.warmup if args.warmup is not None else (1 if args.quick else 3),
+        compile=args.compile or False,
+    )
     info = machine(cfg)
     rows = run_rows(wanted_rows(args.rows), cfg)
     print_table(rows, info, cfg)
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "machine": info, "repeats": cfg.repeats, "warmup": cfg.warmup, "quick": cfg.quick,
-            "rows": [{"row": r.row, "name": r.name, "ratio": r.ratio, "target": r.target_label,
-                      "status": r.status, "threads": r.threads, "note": r.note, "medians": r.medians}
-                     for r in rows]}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "machine": info,
+                    "repeats": cfg.repeats,
+                    "warmup": cfg.warmup,
+                    "quick": cfg.quick,
+                    "rows": [
+                        {
+                            "row": r.row,
+                            "name": r.name,
+                            "ratio": r.ratio,
+                            "target": r.target_label,
+                            "status": r.status,
+                            "threads": r.threads,
+                            "note": r.note,
+                            "medians": r.medians,
+                        }
+                        for r in rows
+                    ],
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ from .state import projected_state, restarted_history
 Writes = list[tuple[torch.Tensor, torch.Tensor]]  # (destination, value) for one _foreach_copy_
 
 
-def resolve(items, binding: Binding, model: nn.Module | None, optimizer: torch.optim.Optimizer
-            ) -> tuple[dict[nn.Parameter, Bound], dict[nn.Parameter, nn.Module | None]]:
+def resolve(
+    items, binding: Binding, model: nn.Module | None, optimizer: torch.optim.Optimizer
+) -> tuple[dict[nn.Parameter, Bound], dict[nn.Parameter, nn.Module | None]]:
     """The new bound (and owning module) of every parameter the ``(target, constraint)`` items
     name, intersected with what it already has; raises `ConstraintError`, changes nothing."""
     if items and isinstance(optimizer, torch.optim.SparseAdam):
@@ -78,8 +79,9 @@ def projection_writes(new: dict[nn.Parameter, Bound], optimizer: torch.optim.Opt
         whole = {k: full(v) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
         for key, value in projected_state(bound, whole, x).items():
             writes.append((local(state[key]), local_part(state[key], value)))
-    lbfgs = [(s, fresh) for s in optimizer.state.values()
-             if (fresh := restarted_history(optimizer, s)) is not None]
+    lbfgs = [
+        (s, fresh) for s in optimizer.state.values() if (fresh := restarted_history(optimizer, s)) is not None
+    ]
     return writes, lbfgs
 
 
@@ -92,8 +94,16 @@ def rebound_after_casts(binding: Binding) -> dict[nn.Parameter, Bound]:
         old = globalize(binding.bounds[param], param, binding.owners.get(param))
         fresh = old.constraint.bind(full(param), old.name, binding.owners.get(param))
         target = fresh.state_tensors()
-        changes[param] = fresh if reproduces(fresh, old) else fresh.with_state(
-            {k: v.to(device=target[k].device, dtype=target[k].dtype) for k, v in old.state_tensors().items()})
+        changes[param] = (
+            fresh
+            if reproduces(fresh, old)
+            else fresh.with_state(
+                {
+                    k: v.to(device=target[k].device, dtype=target[k].dtype)
+                    for k, v in old.state_tensors().items()
+                }
+            )
+        )
     return changes
 
 
@@ -104,7 +114,8 @@ def reproduces(fresh: Bound, old: Bound) -> bool:
     mine, theirs = fresh.state_tensors(), old.state_tensors()
     return mine.keys() == theirs.keys() and all(
         mine[k].shape == v.shape and torch.equal(mine[k].to(device=v.device, dtype=v.dtype), v)
-        for k, v in theirs.items())
+        for k, v in theirs.items()
+    )
 
 
 @torch.no_grad()

@@ -37,8 +37,11 @@ class Group:
 class Binding:
     """Parameter -> bound, and the groups the step walks, in attach order."""
 
-    def __init__(self, bounds: dict[nn.Parameter, Bound] | None = None,
-                 owners: dict[nn.Parameter, nn.Module | None] | None = None):
+    def __init__(
+        self,
+        bounds: dict[nn.Parameter, Bound] | None = None,
+        owners: dict[nn.Parameter, nn.Module | None] | None = None,
+    ):
         self.bounds: dict[nn.Parameter, Bound] = dict(bounds or {})
         # the module holding each parameter, for rebinding after a cast (layout-aware defaults)
         self.owners = {p: (owners or {}).get(p) for p in self.bounds}
@@ -46,12 +49,19 @@ class Binding:
         for param, bound in self.bounds.items():
             # a sharded parameter's bound stands for its family (`sharding`): the audit's order
             # is the same whatever the parameters' placements
-            key = (getattr(bound, "family", type(bound)), bound.traits.projects_grad, param.device, param.dtype)
+            key = (
+                getattr(bound, "family", type(bound)),
+                bound.traits.projects_grad,
+                param.device,
+                param.dtype,
+            )
             bs, ps = keyed.setdefault(key, ([], []))
             bs.append(bound)
             ps.append(param)
-        self.groups = [Group(kind, bs, ps, grad, device, dtype)
-                       for (kind, grad, device, dtype), (bs, ps) in keyed.items()]
+        self.groups = [
+            Group(kind, bs, ps, grad, device, dtype)
+            for (kind, grad, device, dtype), (bs, ps) in keyed.items()
+        ]
         # names and descriptions in group order, for the audit (a repr may read data: once here)
         ordered = [b for g in self.groups for b in g.bounds]
         self.names = [b.name for b in ordered]

@@ -96,10 +96,14 @@ def plan_load(state, binding: Binding) -> LoadPlan:
     else:
         mismatches = _parameter_problems(saved, binding, bounds)
     if problems or mismatches:
-        head = ("the checkpoint's constraints do not match the attached ones" if mismatches and not problems
-                else "the checkpoint's constraint state does not fit")
+        head = (
+            "the checkpoint's constraints do not match the attached ones"
+            if mismatches and not problems
+            else "the checkpoint's constraint state does not fit"
+        )
         raise ConstraintError(
-            f"{head} (nothing was loaded):\n  " + "\n  ".join(problems + mismatches)
+            f"{head} (nothing was loaded):\n  "
+            + "\n  ".join(problems + mismatches)
             + "\nattach the same constraints to the same parameters before loading; to resume "
             "with other constraints, load the wrapped optimizer's state alone and attach them after"
         )
@@ -134,7 +138,8 @@ def _parameter_problems(saved: dict, binding: Binding, out: dict) -> list[str]:
     problems = [
         f"{name}: the checkpoint constrains it to "
         f"{entry.get('constraint') if isinstance(entry, dict) else entry}; here it has no constraint"
-        for name, entry in saved.items() if name not in attached
+        for name, entry in saved.items()
+        if name not in attached
     ]
     for name, (param, bound) in attached.items():
         here = repr(bound.constraint)
@@ -153,7 +158,8 @@ def _parameter_problems(saved: dict, binding: Binding, out: dict) -> list[str]:
                 f"{type(bound.constraint).__name__} ({here}) here"
             )
         elif not isinstance(shape, (tuple, list)) or not all(
-                isinstance(s, int) and not isinstance(s, bool) for s in shape):
+            isinstance(s, int) and not isinstance(s, bool) for s in shape
+        ):
             problems.append(f"{name}: shape must be a tuple of ints, got {shape!r}")
         elif tuple(shape) != bound.shape:
             problems.append(f"{name}: shape {tuple(shape)} in the checkpoint, {bound.shape} here")
@@ -184,14 +190,19 @@ def _audit_from(state) -> tuple[Audit | None, str]:
             if not ok:
                 return None, f"{key}[{i}]: {why}"
     summaries = state.get("summaries", [])
-    if not isinstance(summaries, list) or not all(isinstance(s, dict) and isinstance(s.get("name"), str)
-                                                  for s in summaries):
+    if not isinstance(summaries, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("name"), str) for s in summaries
+    ):
         return None, "summaries must be a list of dicts with a name"
     names = {f.name for f in fields(ParamSummary)}
     for s in summaries:
         for k, v in s.items():
-            if k in names and k not in ("name", "constraint") and v is not None and (
-                    isinstance(v, bool) or not isinstance(v, (int, float))):
+            if (
+                k in names
+                and k not in ("name", "constraint")
+                and v is not None
+                and (isinstance(v, bool) or not isinstance(v, (int, float)))
+            ):
                 return None, f"summary {s['name']}: {k} must be a number, got {v!r}"
     max_history = state.get("max_history", 10_000)
     if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 0:
@@ -215,8 +226,11 @@ def _record_ok(r) -> tuple[bool, str]:
             return False, f"{key} must be a string, got {r[key]!r}"
     for key in ("drift", "drift_max", "residual", "grad_blocked"):
         v = r[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (
-                key != "grad_blocked" and not math.isnan(v) and v < 0):
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or (key != "grad_blocked" and not math.isnan(v) and v < 0)
+        ):
             return False, f"{key} must be a number >= 0 (or nan), got {v!r}"
     return True, ""
 
@@ -228,8 +242,11 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict, bi
 
     saved = state_dict.get("param_groups")
     saved_state = state_dict.get("state")
-    if not isinstance(saved, list) or not isinstance(saved_state, dict) or not all(
-            isinstance(g, dict) and isinstance(g.get("params"), list) for g in saved):
+    if (
+        not isinstance(saved, list)
+        or not isinstance(saved_state, dict)
+        or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in saved)
+    ):
         raise ConstraintError("the checkpoint holds no optimizer state (no 'state' and 'param_groups')")
     here = [len(g["params"]) for g in optimizer.param_groups]
     there = [len(g["params"]) for g in saved]
@@ -249,11 +266,14 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict, bi
             continue
         for key, value in entry.items():
             if key in shaped and isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(param.shape):
-                problems.append(f"{bound.name}: optimizer state {key} of shape {tuple(value.shape)}, "
-                                f"expected {tuple(param.shape)}")
+                problems.append(
+                    f"{bound.name}: optimizer state {key} of shape {tuple(value.shape)}, "
+                    f"expected {tuple(param.shape)}"
+                )
     if problems:
-        raise ConstraintError("the checkpoint's optimizer state does not fit (nothing was loaded):\n  "
-                              + "\n  ".join(problems))
+        raise ConstraintError(
+            "the checkpoint's optimizer state does not fit (nothing was loaded):\n  " + "\n  ".join(problems)
+        )
 
 
 # -- distributed checkpoints: the constraint state in the parameters' own entries ---------------------
@@ -268,8 +288,10 @@ def called_by_dcp() -> bool:
     for _ in range(24):
         if frame is None:
             return False
-        if frame.f_code.co_name == "_get_optim_state_dict" and \
-                frame.f_globals.get("__name__") == "torch.distributed.checkpoint.state_dict":
+        if (
+            frame.f_code.co_name == "_get_optim_state_dict"
+            and frame.f_globals.get("__name__") == "torch.distributed.checkpoint.state_dict"
+        ):
             return True
         frame = frame.f_back
     return False
@@ -297,8 +319,14 @@ def into_param_state(state_dict: dict, optimizer, binding: Binding, constraints:
             continue
         entry = constraints["parameters"][bound.name]
         slot = state.setdefault(pid, {})
-        slot[PREFIX + "spec"] = json.dumps({"name": bound.name, "type": entry["type"],
-                                            "constraint": entry["constraint"], "shape": list(entry["shape"])})
+        slot[PREFIX + "spec"] = json.dumps(
+            {
+                "name": bound.name,
+                "type": entry["type"],
+                "constraint": entry["constraint"],
+                "shape": list(entry["shape"]),
+            }
+        )
         slot[PREFIX + "steps_taken"] = torch.tensor(constraints["steps_taken"], dtype=torch.int64)
         for key, value in entry["tensors"].items():
             slot[PREFIX + "data." + key] = value
@@ -315,8 +343,9 @@ def from_param_state(state_dict: dict) -> tuple[dict | None, dict]:
     dict: the caller's is not changed). Raises `ConstraintError` for entries that do not parse."""
     state = state_dict.get("state") if isinstance(state_dict, dict) else None
     if not isinstance(state, dict) or not any(
-            isinstance(e, dict) and any(isinstance(k, str) and k.startswith(PREFIX) for k in e)
-            for e in state.values()):
+        isinstance(e, dict) and any(isinstance(k, str) and k.startswith(PREFIX) for k in e)
+        for e in state.values()
+    ):
         return None, state_dict
     stripped, parameters, steps, audit, problems = {}, {}, set(), None, []
     for pid, entry in state.items():
@@ -332,28 +361,44 @@ def from_param_state(state_dict: dict) -> tuple[dict | None, dict]:
         try:
             spec = json.loads(mine[PREFIX + "spec"])
             name = spec["name"]
-            parameters[name] = {"type": spec["type"], "constraint": spec["constraint"],
-                                "shape": tuple(spec["shape"]),
-                                "tensors": {k[len(PREFIX + "data."):]: v for k, v in mine.items()
-                                            if k.startswith(PREFIX + "data.")}}
+            parameters[name] = {
+                "type": spec["type"],
+                "constraint": spec["constraint"],
+                "shape": tuple(spec["shape"]),
+                "tensors": {
+                    k[len(PREFIX + "data.") :]: v for k, v in mine.items() if k.startswith(PREFIX + "data.")
+                },
+            }
             count = mine[PREFIX + "steps_taken"]
-            steps.add(int(count) if isinstance(count, torch.Tensor) and count.numel() == 1
-                      and not count.is_floating_point() else repr(count))
+            steps.add(
+                int(count)
+                if isinstance(count, torch.Tensor) and count.numel() == 1 and not count.is_floating_point()
+                else repr(count)
+            )
             if PREFIX + "audit" in mine:
                 audit = json.loads(mine[PREFIX + "audit"])
         except (KeyError, TypeError, ValueError) as err:
-            problems.append(f"parameter entry {pid!r}: unreadable constraint state ({type(err).__name__}: {err})")
+            problems.append(
+                f"parameter entry {pid!r}: unreadable constraint state ({type(err).__name__}: {err})"
+            )
     if audit is None:
         problems.append("no entry holds the audit (constraint.audit)")
     if len(steps) != 1 or not isinstance(next(iter(steps), None), int):
-        problems.append(f"the entries disagree on steps_taken or do not hold an int: {sorted(map(str, steps))}")
+        problems.append(
+            f"the entries disagree on steps_taken or do not hold an int: {sorted(map(str, steps))}"
+        )
     if problems:
-        raise ConstraintError("the checkpoint's constraint state does not fit (nothing was loaded):\n  "
-                              + "\n  ".join(problems))
+        raise ConstraintError(
+            "the checkpoint's constraint state does not fit (nothing was loaded):\n  " + "\n  ".join(problems)
+        )
     rest = dict(state_dict)
     rest["state"] = stripped
-    return {"version": CHECKPOINT_VERSION, "steps_taken": steps.pop(), "audit": audit,
-            "parameters": parameters}, rest
+    return {
+        "version": CHECKPOINT_VERSION,
+        "steps_taken": steps.pop(),
+        "audit": audit,
+        "parameters": parameters,
+    }, rest
 
 
 def split_constraints(state_dict: dict) -> tuple[object, dict]:

@@ -79,11 +79,19 @@ def verify(model: TinyNet) -> list[tuple[str, bool, str]]:
         stem, mix = model.stem.weight, model.mix.weight
         centre = float(model.dilated.weight[..., 1, 1].abs().max())
         out = [
-            ("stem isotropic (tied entries bitwise equal)",
-             all(bool((stem[..., ISOTROPIC == v] == stem[..., ISOTROPIC == v][..., :1]).all())
-                 for v in range(3)), ""),
-            ("mix == mix.transpose(0, 1).flip(2, 3) (torch.equal)",
-             torch.equal(mix, mix.transpose(0, 1).flip(2, 3)), ""),
+            (
+                "stem isotropic (tied entries bitwise equal)",
+                all(
+                    bool((stem[..., ISOTROPIC == v] == stem[..., ISOTROPIC == v][..., :1]).all())
+                    for v in range(3)
+                ),
+                "",
+            ),
+            (
+                "mix == mix.transpose(0, 1).flip(2, 3) (torch.equal)",
+                torch.equal(mix, mix.transpose(0, 1).flip(2, 3)),
+                "",
+            ),
             ("dilated centre max |w|", centre == 0.0, f"{centre}"),
         ]
         w = model.proj.weight
@@ -95,8 +103,10 @@ def verify(model: TinyNet) -> list[tuple[str, bool, str]]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m constrained_optim demo",
-                                     description="A short training run under several constraints, audited.")
+    parser = argparse.ArgumentParser(
+        prog="python -m constrained_optim demo",
+        description="A short training run under several constraints, audited.",
+    )
     parser.add_argument("--steps", type=int, default=80, help="training steps (default 80)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", metavar="PATH", help="write the audit plot (PNG; needs matplotlib)")
@@ -114,8 +124,11 @@ def main(argv=None) -> int:
     model = TinyNet()
     attached = constraints()
     opt = co.ConstrainedOptimizer(
-        torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-2), model,
-        constraints=attached, audit_every=1, log_every=max(1, args.steps // 2),
+        torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-2),
+        model,
+        constraints=attached,
+        audit_every=1,
+        log_every=max(1, args.steps // 2),
     )
     if not logging.getLogger().handlers:  # an application's choice: show the library's INFO log
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout)
@@ -146,6 +159,8 @@ def main(argv=None) -> int:
     for what, ok, value in verify(model):
         print(f"{'ok  ' if ok else 'FAIL'} {what}{': ' + value if value else ''}")
     opt.check()
-    print(f"check(): all {len(attached)} constrained parameters are on their sets "
-          f"({time.perf_counter() - start:.1f} s)")
+    print(
+        f"check(): all {len(attached)} constrained parameters are on their sets "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
     return 0

@@ -50,13 +50,21 @@ class ConstraintEngine:
     Built by `make_engine` (one per optimizer); `ConstrainedOptimizer` and `constrain` are two
     ways to put it around the optimizer's step."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module | None = None, *,
-                 audit_every: int = 1, log_every: int | None = None, tolerance: float | None = None,
-                 on_violation: str = "warn"):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module | None = None,
+        *,
+        audit_every: int = 1,
+        log_every: int | None = None,
+        tolerance: float | None = None,
+        on_violation: str = "warn",
+    ):
         if isinstance(audit_every, bool) or not isinstance(audit_every, int) or audit_every < 0:
             raise ConstraintError(f"audit_every must be an int >= 0, got {audit_every!r}")
-        if log_every is not None and (isinstance(log_every, bool) or not isinstance(log_every, int)
-                                      or log_every < 1):
+        if log_every is not None and (
+            isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1
+        ):
             raise ConstraintError(f"log_every must be None or an int >= 1, got {log_every!r}")
         self.optimizer = optimizer
         self.model = model
@@ -144,10 +152,12 @@ class ConstraintEngine:
             self._project_grads(watch)
             inner = None
         else:
+
             def inner():
                 loss = closure()
                 self._project_grads(watch)
                 return loss
+
         done = self._inner_done = False
         try:
             loss = call(inner)
@@ -247,8 +257,13 @@ class ConstraintEngine:
             barrier("check()")
             measured = self._shards.distances()
         else:
-            measured = [(float(torch.linalg.vector_norm(b.residual(p).float())),
-                         float(torch.linalg.vector_norm(p.float()))) for b, p in zip(self.binding.ordered, self.binding.params)]
+            measured = [
+                (
+                    float(torch.linalg.vector_norm(b.residual(p).float())),
+                    float(torch.linalg.vector_norm(p.float())),
+                )
+                for b, p in zip(self.binding.ordered, self.binding.params)
+            ]
         for param, bound, (distance, scale) in zip(self.binding.params, self.binding.ordered, measured):
             limit = atol if atol is not None else default_atol(scale, param)
             if not (distance <= limit and math.isfinite(scale)):
@@ -311,8 +326,9 @@ def engine_of(optimizer) -> ConstraintEngine | None:
     return ref() if ref is not None else None
 
 
-def make_engine(optimizer: torch.optim.Optimizer, model: nn.Module | None, constraints, **options
-                ) -> ConstraintEngine:
+def make_engine(
+    optimizer: torch.optim.Optimizer, model: nn.Module | None, constraints, **options
+) -> ConstraintEngine:
     """The engine for ``optimizer`` with ``constraints`` attached, all or nothing; refuses an
     optimizer that already has one (two engines would each undo the other's audit)."""
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -328,7 +344,9 @@ def make_engine(optimizer: torch.optim.Optimizer, model: nn.Module | None, const
             "co.constrain); attach to that one, or remove() its constrain() handle first"
         )
     if constraints is not None and not isinstance(constraints, dict):
-        raise ConstraintError(f"constraints must be a dict {{target: constraint}}, got {type(constraints).__name__}")
+        raise ConstraintError(
+            f"constraints must be a dict {{target: constraint}}, got {type(constraints).__name__}"
+        )
     engine = ConstraintEngine(optimizer, model, **options)
     try:
         engine.attach_all(list((constraints or {}).items()))

@@ -144,15 +144,20 @@ class ConstraintHandle(EngineSurface):
         self.engine.load_state_dict(state)
 
     def __repr__(self) -> str:
-        return self._describe(f"constrain({type(self.optimizer).__name__}{'' if self.active else ', removed'}")
+        return self._describe(
+            f"constrain({type(self.optimizer).__name__}{'' if self.active else ', removed'}"
+        )
 
 
 def stepping_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The optimizer that actually steps: wrappers that hold it as ``.optimizer`` (accelerate's
     ``AcceleratedOptimizer``, which subclasses ``Optimizer`` without running its ``__init__``)
     are looked through."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer) and \
-            engine_of(optimizer) is None and not isinstance(getattr(optimizer, "engine", None), ConstraintEngine):
+    while (
+        isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer)
+        and engine_of(optimizer) is None
+        and not isinstance(getattr(optimizer, "engine", None), ConstraintEngine)
+    ):
         optimizer = optimizer.optimizer  # type: ignore[attr-defined]  # a wrapper's, checked above
     return optimizer
 
@@ -197,8 +202,15 @@ def constrain(
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     inner = stepping_optimizer(optimizer)
-    engine = make_engine(inner, model, constraints, audit_every=audit_every, log_every=log_every,
-                         tolerance=tolerance, on_violation=on_violation)
+    engine = make_engine(
+        inner,
+        model,
+        constraints,
+        audit_every=audit_every,
+        log_every=log_every,
+        tolerance=tolerance,
+        on_violation=on_violation,
+    )
     try:
         return ConstraintHandle(inner, engine)
     except BaseException:

@@ -37,8 +37,9 @@ class AuditCallback(Callback):
     `ConstrainedOptimizer` among ``trainer.optimizers``.
     """
 
-    def __init__(self, metrics=("drift", "residual", "grad_blocked"), prefix: str = "constraints",
-                 sources=None):
+    def __init__(
+        self, metrics=("drift", "residual", "grad_blocked"), prefix: str = "constraints", sources=None
+    ):
         unknown = [m for m in metrics if m not in METRICS]
         if unknown:
             raise ConstraintError(f"AuditCallback: unknown metrics {unknown}; choose from {METRICS}")
@@ -72,7 +73,9 @@ class AuditCallback(Callback):
             prefix = self.prefix if len(engines) == 1 else f"{self.prefix}/{index}"
             values = {
                 f"{prefix}/{r.name}/{m}": getattr(r, m)
-                for r in records for m in self.metrics if math.isfinite(getattr(r, m))
+                for r in records
+                for m in self.metrics
+                if math.isfinite(getattr(r, m))
             }
             values[f"{prefix}/drift_max"] = max(r.drift for r in records)
             values[f"{prefix}/residual_max"] = max(r.residual for r in records)

@@ -81,13 +81,26 @@ class ConstrainedOptimizer(EngineSurface, torch.optim.Optimizer):
         tolerance: float | None = None,
         on_violation: str = "warn",
     ) -> None:
-        engine = make_engine(optimizer, model, constraints, audit_every=audit_every, log_every=log_every,
-                             tolerance=tolerance, on_violation=on_violation)
+        engine = make_engine(
+            optimizer,
+            model,
+            constraints,
+            audit_every=audit_every,
+            log_every=log_every,
+            tolerance=tolerance,
+            on_violation=on_violation,
+        )
         self.optimizer = optimizer  # param_groups, state, defaults: its own objects (see below)
         self.model = model
         self.engine = engine
-        for hooks in ("step_pre", "step_post", "state_dict_pre", "state_dict_post",
-                      "load_state_dict_pre", "load_state_dict_post"):
+        for hooks in (
+            "step_pre",
+            "step_post",
+            "state_dict_pre",
+            "state_dict_post",
+            "load_state_dict_pre",
+            "load_state_dict_post",
+        ):
             setattr(self, f"_optimizer_{hooks}_hooks", OrderedDict())
         self._patch_step_function()
 
@@ -110,7 +123,7 @@ class ConstrainedOptimizer(EngineSurface, torch.optim.Optimizer):
 
         Under ``torch.distributed.checkpoint``'s ``get_state_dict(model, opt)``, which keeps only
         the per-parameter entries, the same data rides in each constrained parameter's entry
-        under ``"constraint.*"`` keys instead (`checkpoint.into_param_state`); ``set_state_dict``
+        under ``"constraint.*"`` keys instead (``checkpoint.into_param_state``); ``set_state_dict``
         and `load_state_dict` read either. With sharded parameters the constraint data of each
         shard is a DTensor sharded like the parameter (resharded by DCP like ``exp_avg``): not a
         collective, but call it on every rank, as DCP does.

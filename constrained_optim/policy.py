@@ -39,8 +39,9 @@ class ViolationPolicy:
     """``tolerance`` (None: `default_atol`) and ``on_violation``, checked at construction."""
 
     def __init__(self, tolerance: float | None = None, on_violation: str = "warn"):
-        if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
-                                      or not tolerance >= 0):
+        if tolerance is not None and (
+            isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0
+        ):
             raise ConstraintError(f"tolerance must be None or a number >= 0, got {tolerance!r}")
         if on_violation not in ON_VIOLATION:
             raise ConstraintError(f"on_violation must be one of {ON_VIOLATION}, got {on_violation!r}")
@@ -49,8 +50,10 @@ class ViolationPolicy:
 
     def nonfinite(self, step: int, names: list[str]) -> None:
         """Parameters that hold NaN or inf after the step: always reported."""
-        message = (f"step {step}: non-finite values in constrained parameter"
-                   f"{'s' if len(names) > 1 else ''} {', '.join(names)}")
+        message = (
+            f"step {step}: non-finite values in constrained parameter"
+            f"{'s' if len(names) > 1 else ''} {', '.join(names)}"
+        )
         log.warning(message)  # whatever on_violation says: NaN is never silent
         self._violate(message)
 

@@ -37,9 +37,11 @@ def log_line(r) -> str:
     """One record on one line: ``step 100 conv.weight Fixed((..., 1, 1), 0.0) drift=1.2e-05
     drift_max=... residual=0 grad_blocked=0.11`` (the name has no spaces; the constraint runs to
     `` drift=``)."""
-    return (f"step {r.step} {r.name} {r.constraint} drift={_num(r.drift)} "
-            f"drift_max={_num(r.drift_max)} residual={_num(r.residual)} "
-            f"grad_blocked={_num(r.grad_blocked)}")
+    return (
+        f"step {r.step} {r.name} {r.constraint} drift={_num(r.drift)} "
+        f"drift_max={_num(r.drift_max)} residual={_num(r.residual)} "
+        f"grad_blocked={_num(r.grad_blocked)}"
+    )
 
 
 def _handlers(logger: logging.Logger):
@@ -94,8 +96,9 @@ def _report_logging_error() -> None:
         return
     try:
         err = sys.exc_info()[1]
-        sys.stderr.write(f"constrained_optim: the audit log failed and was skipped "
-                         f"({type(err).__name__}: {err})\n")
+        sys.stderr.write(
+            f"constrained_optim: the audit log failed and was skipped ({type(err).__name__}: {err})\n"
+        )
     except Exception:
         pass
 
@@ -137,12 +140,14 @@ def log_step(logger: logging.Logger, step: int, records) -> None:
 def _table_block(step: int, records, width: int) -> tuple[str, str]:
     """The heading line and the rendered table of `log_step` on a terminal."""
     measured = records[0].step
-    worst = max(records, key=lambda r: (r.drift if math.isfinite(r.drift) else math.inf))
+    worst = max(records, key=lambda r: r.drift if math.isfinite(r.drift) else math.inf)
     head = f"constraint audit, step {step}"
     if measured != step:
         head += f" (measured at step {measured})"
-    head += (f": max drift {_num(worst.drift)} ({worst.name}), "
-             f"max residual {_num(max(r.residual for r in records))}")
+    head += (
+        f": max drift {_num(worst.drift)} ({worst.name}), "
+        f"max residual {_num(max(r.residual for r in records))}"
+    )
     table = render_text(records_table(records, title=None, show_step=False), width)
     return head, table.rstrip("\n")
 
@@ -150,8 +155,15 @@ def _table_block(step: int, records, width: int) -> tuple[str, str]:
 def render_text(renderable, width: int = 120) -> str:
     """``renderable`` as plain text (box drawing, no colour codes)."""
     buf = io.StringIO()
-    Console(file=buf, width=width, color_system=None, force_terminal=False, highlight=False,
-            soft_wrap=False, legacy_windows=False).print(renderable)
+    Console(
+        file=buf,
+        width=width,
+        color_system=None,
+        force_terminal=False,
+        highlight=False,
+        soft_wrap=False,
+        legacy_windows=False,
+    ).print(renderable)
     return buf.getvalue()
 
 
@@ -161,8 +173,14 @@ def _table(title, number_columns) -> Table:
     is how a user finds it) with its constraint beneath, then numbers, which never wrap (their
     headers do). ``number_columns``: ``(header, width)``; 8 fits any ``%.3g`` of a non-negative
     float (``1.23e-05``)."""
-    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
-                  collapse_padding=True, title_justify="left")
+    table = Table(
+        title=title,
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
+        title_justify="left",
+    )
     table.add_column("parameter\n[dim]constraint[/dim]", overflow="fold", min_width=14, ratio=1)
     for name, width in number_columns:
         table.add_column(name, justify="right", min_width=width, max_width=width)
@@ -186,12 +204,30 @@ def records_table(records, title: str | None = "constraint audit", show_step: bo
 
 def summary_table(summaries, title: str | None = "constraint audit: whole run") -> Table:
     """One row per `ParamSummary`: the run, not just the kept history."""
-    table = _table(title, (("audited", 7), ("drift mean", 8), ("drift max", 8), ("at step", 7),
-                           ("residual max", 8), ("grad blocked mean", 8), ("non- finite", 6)))
+    table = _table(
+        title,
+        (
+            ("audited", 7),
+            ("drift mean", 8),
+            ("drift max", 8),
+            ("at step", 7),
+            ("residual max", 8),
+            ("grad blocked mean", 8),
+            ("non- finite", 6),
+        ),
+    )
     for s in summaries:
-        table.add_row(_who(s.name, s.constraint), str(s.audited), _num(s.drift_mean),
-                      _num(s.drift_max), _step(s.worst_step), _num(s.residual_max),
-                      _num(s.grad_blocked_mean), str(s.nonfinite), style="red" if s.nonfinite else None)
+        table.add_row(
+            _who(s.name, s.constraint),
+            str(s.audited),
+            _num(s.drift_mean),
+            _num(s.drift_max),
+            _step(s.worst_step),
+            _num(s.residual_max),
+            _num(s.grad_blocked_mean),
+            str(s.nonfinite),
+            style="red" if s.nonfinite else None,
+        )
     return table
 
 
@@ -202,13 +238,28 @@ def run_table(audit, title: str | None = None) -> Table:
     if title is None:
         latest = audit.last[0].step if audit.last else None
         title = f"constraint audit, latest step {_step(latest)}"
-    table = _table(title, (("drift", 8), ("residual", 8), ("grad blocked", 8),
-                           ("run: max drift", 8), ("max residual", 8), ("non- finite", 6)))
+    table = _table(
+        title,
+        (
+            ("drift", 8),
+            ("residual", 8),
+            ("grad blocked", 8),
+            ("run: max drift", 8),
+            ("max residual", 8),
+            ("non- finite", 6),
+        ),
+    )
     for name, s in audit.summaries.items():
         r = last.get(name)
         now = [_num(r.drift), _num(r.residual), _num(r.grad_blocked)] if r else ["-"] * 3
-        table.add_row(_who(name, s.constraint), *now, _num(s.drift_max), _num(s.residual_max),
-                      str(s.nonfinite), style="red" if s.nonfinite else None)
+        table.add_row(
+            _who(name, s.constraint),
+            *now,
+            _num(s.drift_max),
+            _num(s.residual_max),
+            str(s.nonfinite),
+            style="red" if s.nonfinite else None,
+        )
     return table
 
 
@@ -236,8 +287,10 @@ def plot(records, path) -> None:
     FigureCanvasAgg(fig)  # no pyplot: the user's backend and global state stay untouched
     axes = fig.subplots(2, 1, sharex=True)
     steps_seen = [r.step for r in records]
-    for ax, field, label in ((axes[0], "drift", "drift  ||x - P(x)|| before projection"),
-                             (axes[1], "residual", "residual  after projection")):
+    for ax, field, label in (
+        (axes[0], "drift", "drift  ||x - P(x)|| before projection"),
+        (axes[1], "residual", "residual  after projection"),
+    ):
         plotted = False
         for name, rs in series.items():
             steps = [r.step for r in rs]
@@ -253,8 +306,9 @@ def plot(records, path) -> None:
             ax.set_yscale("log")
         else:  # nothing to draw on a log axis: say so rather than show an empty frame
             ax.set_yticks([])
-            ax.text(0.5, 0.5, f"{field} 0 at every audited step", transform=ax.transAxes,
-                    ha="center", va="center")
+            ax.text(
+                0.5, 0.5, f"{field} 0 at every audited step", transform=ax.transAxes, ha="center", va="center"
+            )
         if steps_seen and min(steps_seen) < max(steps_seen):
             ax.set_xlim(min(steps_seen), max(steps_seen))
         ax.set_ylabel(label)

@@ -157,7 +157,7 @@ class ParamIndex:
             return param
         for prefix in self.prefixes:
             if name.startswith(prefix):
-                return self.names.get(name[len(prefix):])
+                return self.names.get(name[len(prefix) :])
         return None
 
     def match(self, param) -> Match:
@@ -183,9 +183,7 @@ def select(target, index: ParamIndex) -> list[Match]:
     none (naming the closest parameter names)."""
     if isinstance(target, torch.Tensor):
         if target not in index:
-            raise ConstraintError(
-                f"parameter of shape {tuple(target.shape)} is not a parameter of the model"
-            )
+            raise ConstraintError(f"parameter of shape {tuple(target.shape)} is not a parameter of the model")
         return [index.match(target)]
     if isinstance(target, re.Pattern):
         found = [p for n, p in index.all_names() if target.fullmatch(n)]
@@ -232,7 +230,7 @@ def no_match(what: str, text: str, index: ParamIndex) -> list:
     if not close and index.prefixes:  # a wrapped name typed against the inner ones
         for prefix in index.prefixes:
             if text.startswith(prefix):
-                close = difflib.get_close_matches(text[len(prefix):], names, n=5, cutoff=0.4)
+                close = difflib.get_close_matches(text[len(prefix) :], names, n=5, cutoff=0.4)
                 break
     hint = f"; closest: {', '.join(close)}" if close else f"; parameters: {', '.join(names[:8])}"
     raise ConstraintError(f"{what} matches no parameter{hint}")

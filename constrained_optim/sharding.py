@@ -126,7 +126,7 @@ class Layout:
     def regions(self) -> list[tuple[int, int]]:
         """``(offset, size)`` along the one sharded dim for every rank of its mesh dim (chunks as
         ``torch.chunk`` makes them, as DTensor and FSDP2 do)."""
-        (dim, mesh_dim), = self.sharded
+        ((dim, mesh_dim),) = self.sharded
         n, size = self.mesh.size(mesh_dim), self.shape[dim]
         chunk = -(-size // n) if size else 0
         return [(min(r * chunk, size), max(0, min((r + 1) * chunk, size) - r * chunk)) for r in range(n)]
@@ -237,8 +237,7 @@ def _local_fixed(bound: FixedBound, lay: Layout) -> Bound | None:
     """`Fixed` on the local part: an index expression that does not index a sharded dim applies
     as it is; otherwise the held positions become a local bool mask (a scalar value only)."""
     entries = _whole_dims(bound.index, len(lay.shape))
-    if entries is not None and bound.values.dim() == 0 and all(
-            entries[d] == slice(None) for d in lay.dims):
+    if entries is not None and bound.values.dim() == 0 and all(entries[d] == slice(None) for d in lay.dims):
         new = copy.copy(bound)
         new.shape = lay.local_shape
         return new
@@ -269,7 +268,8 @@ class LocalShardBound(Bound):
         theirs = whole.state_tensors()
         self.global_shapes = {
             k: tuple(theirs[k].shape) if k in theirs and theirs[k].dtype == v.dtype else tuple(lay.shape)
-            for k, v in part.state_tensors().items()}
+            for k, v in part.state_tensors().items()
+        }
         self.data_placements = {k: _data_placements(s, lay) for k, s in self.global_shapes.items()}
 
     # the set on this rank's part (tensors given as DTensors of this layout or as local parts)
@@ -313,8 +313,14 @@ class LocalShardBound(Bound):
                 out[key] = v
             else:
                 shape = torch.Size(self.global_shapes[key])
-                out[key] = DTensor.from_local(v, self.layout.mesh, placements, run_check=False,
-                                              shape=shape, stride=_contiguous_stride(shape))
+                out[key] = DTensor.from_local(
+                    v,
+                    self.layout.mesh,
+                    placements,
+                    run_check=False,
+                    shape=shape,
+                    stride=_contiguous_stride(shape),
+                )
         return out
 
     def _to_local(self, tensors) -> tuple[dict | None, str]:
@@ -326,10 +332,15 @@ class LocalShardBound(Bound):
         for key, v in tensors.items():
             placements = self.data_placements.get(key)
             if is_sharded(v):
-                if placements is None or tuple(v.placements) != placements or \
-                        tuple(v.shape) != self.global_shapes.get(key):
-                    return None, (f"{key}: a DTensor of shape {tuple(v.shape)} placed {tuple(v.placements)}, "
-                                  f"expected shape {self.global_shapes.get(key)} placed {placements}")
+                if (
+                    placements is None
+                    or tuple(v.placements) != placements
+                    or tuple(v.shape) != self.global_shapes.get(key)
+                ):
+                    return None, (
+                        f"{key}: a DTensor of shape {tuple(v.shape)} placed {tuple(v.placements)}, "
+                        f"expected shape {self.global_shapes.get(key)} placed {placements}"
+                    )
                 v = v.to_local()
             elif placements is not None and isinstance(v, torch.Tensor):
                 if tuple(v.shape) != self.global_shapes[key]:
@@ -447,15 +458,17 @@ class NormBatch:
     def reduce(bounds, xs) -> list[torch.Tensor]:
         """Each unit's global L2 norm (keepdim) for each ``x``: one all-reduce of the squared local
         norms (float64) for the whole list."""
-        parts = [torch.linalg.vector_norm(x, 2, dim=b.dims, keepdim=True).double().square_()
-                 for b, x in zip(bounds, xs)]
+        parts = [
+            torch.linalg.vector_norm(x, 2, dim=b.dims, keepdim=True).double().square_()
+            for b, x in zip(bounds, xs)
+        ]
         if not parts:
             return []
         flat = torch.cat([p.reshape(-1) for p in parts])
         _dist().all_reduce(flat, group=bounds[0].group)
         out, at = [], 0
         for p in parts:
-            out.append(flat[at:at + p.numel()].view(p.shape).sqrt_())
+            out.append(flat[at : at + p.numel()].view(p.shape).sqrt_())
             at += p.numel()
         return out
 
@@ -507,7 +520,9 @@ def globalize(bound: Bound, param, owner=None) -> Bound:
     data = {k: full(v) for k, v in bound.state_tensors().items()}
     mine = fresh.state_tensors()
     if data.keys() == mine.keys() and all(tuple(v.shape) == tuple(mine[k].shape) for k, v in data.items()):
-        return fresh.with_state({k: v.to(device=mine[k].device, dtype=mine[k].dtype) for k, v in data.items()})
+        return fresh.with_state(
+            {k: v.to(device=mine[k].device, dtype=mine[k].dtype) for k, v in data.items()}
+        )
     return fresh  # data the constraint determines (held positions of a Fixed)
 
 
@@ -559,8 +574,15 @@ class ShardPlan:
                     if lay.plain and len(lay.sharded) == 1 and lay.mesh.ndim == 1:
                         owner = gathered % lay.mesh.size()
                         gathered += 1
-                    entry = Entry(position, param, bound, GATHER, lay, owner,
-                                  torch.empty(0, dtype=param.dtype, device=local(param).device))
+                    entry = Entry(
+                        position,
+                        param,
+                        bound,
+                        GATHER,
+                        lay,
+                        owner,
+                        torch.empty(0, dtype=param.dtype, device=local(param).device),
+                    )
                 self.entries.append(entry)
                 position += 1
         self.size = position
@@ -585,10 +607,20 @@ class ShardPlan:
                 continue
             # a family that projects one tensor at a time gains nothing from a group, while the
             # audit copies a whole group at once where it has no cheap gap: one tensor per group
-            alone = e.mode == LOCAL and not e.bound.traits.cheap_gap and \
-                getattr(type(e.bound).project_all_, "__func__", None) is getattr(Bound.project_all_, "__func__", 0)
-            key = (e.mode, type(e.bound), e.bound.traits.projects_grad, t.device, t.dtype,
-                   id(getattr(e.bound, "batch", None)) if e.mode == NORMS else e.position if alone else None)
+            alone = (
+                e.mode == LOCAL
+                and not e.bound.traits.cheap_gap
+                and getattr(type(e.bound).project_all_, "__func__", None)
+                is getattr(Bound.project_all_, "__func__", 0)
+            )
+            key = (
+                e.mode,
+                type(e.bound),
+                e.bound.traits.projects_grad,
+                t.device,
+                t.dtype,
+                id(getattr(e.bound, "batch", None)) if e.mode == NORMS else e.position if alone else None,
+            )
             bs, ts = keyed.setdefault(key, ([], []))
             bs.append(e)
             ts.append(t)
@@ -673,12 +705,12 @@ class ShardPlan:
         lay = e.layout
         group = lay.mesh.get_group(0)
         regions = lay.regions()
-        (dim, _), = lay.sharded
-        n = [math.prod(lay.shape[:dim]) * size * math.prod(lay.shape[dim + 1:]) for _, size in regions]
+        ((dim, _),) = lay.sharded
+        n = [math.prod(lay.shape[:dim]) * size * math.prod(lay.shape[dim + 1 :]) for _, size in regions]
         pad = max(n)
         part = local(t)
         buf = part.new_zeros(pad)
-        buf[:part.numel()].copy_(part.reshape(-1))
+        buf[: part.numel()].copy_(part.reshape(-1))
         if lay.mesh.get_local_rank() != e.owner:
             dist.gather(buf, None, group=group, group_dst=e.owner)
             return None
@@ -702,8 +734,8 @@ class ShardPlan:
         lay = e.layout
         group = lay.mesh.get_group(0)
         regions = lay.regions()
-        (dim, _), = lay.sharded
-        n = [math.prod(lay.shape[:dim]) * size * math.prod(lay.shape[dim + 1:]) for _, size in regions]
+        ((dim, _),) = lay.sharded
+        n = [math.prod(lay.shape[:dim]) * size * math.prod(lay.shape[dim + 1 :]) for _, size in regions]
         pad = max(n)
         buf = dst.new_empty(pad)
         if lay.mesh.get_local_rank() == e.owner:
@@ -715,7 +747,7 @@ class ShardPlan:
             dist.scatter(buf, parts, group=group, group_src=e.owner)
         else:
             dist.scatter(buf, None, group=group, group_src=e.owner)
-        dst.copy_(buf[:dst.numel()].view(dst.shape))
+        dst.copy_(buf[: dst.numel()].view(dst.shape))
 
     # -- the audit, reduced across ranks -----------------------------------------------------------------
     def _weight(self, e: Entry) -> bool:
@@ -738,8 +770,9 @@ class ShardPlan:
         device = local(self.entries[0].param).device
         local_rows = torch.zeros(k, n, dtype=torch.float64, device=device)
         if self.order:
-            stacked = torch.stack([torch.stack([t.to(device=device, dtype=torch.float64) for t in col])
-                                   for col in columns])
+            stacked = torch.stack(
+                [torch.stack([t.to(device=device, dtype=torch.float64) for t in col]) for col in columns]
+            )
             keep = torch.tensor([counted[p] for p in self.order], device=device)
             stacked = torch.where(keep, stacked, torch.zeros((), dtype=torch.float64, device=device))
             local_rows[:, torch.tensor(self.order, device=device)] = stacked
@@ -754,8 +787,8 @@ class ShardPlan:
             spread[:, self.rank] = peaks
             flat = torch.cat([squares.reshape(-1), spread.reshape(-1)])
             dist.all_reduce(flat)
-            squares = flat[:squares.numel()].view(squares.shape)
-            peaks = flat[squares.numel():].view(spread.shape).amax(1) if maxima else peaks
+            squares = flat[: squares.numel()].view(squares.shape)
+            peaks = flat[squares.numel() :].view(spread.shape).amax(1) if maxima else peaks
         else:
             dist.all_reduce(squares)
             if maxima:
@@ -784,9 +817,13 @@ class ShardPlan:
             dist_cols, norm_cols = [], []
             for group in groups:
                 if group.kind is NormShardBound:
-                    norms = NormBatch.reduce(group.bounds, [b._work(x) for b, x in zip(group.bounds, group.params)])
-                    gaps = [b._work(x) - b._scaled(b._work(x), nrm)
-                            for b, x, nrm in zip(group.bounds, group.params, norms)]
+                    norms = NormBatch.reduce(
+                        group.bounds, [b._work(x) for b, x in zip(group.bounds, group.params)]
+                    )
+                    gaps = [
+                        b._work(x) - b._scaled(b._work(x), nrm)
+                        for b, x, nrm in zip(group.bounds, group.params, norms)
+                    ]
                 else:
                     gaps = [b.residual(x) for b, x in zip(group.bounds, group.params)]
                 dist_cols += [torch.linalg.vector_norm(g.float()) for g in gaps]

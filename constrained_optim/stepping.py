@@ -1,8 +1,9 @@
 """The two projections of a step, each in exactly one place, and what a step may need besides.
 
 `project_grads` and `project_params` walk a binding's groups (or, for sharded parameters, the
-plain-tensor groups `sharding.ShardPlan` hands over: local shards, or gathered wholes) and call each family's grouped projection once per group, with a
-watcher (`audit.watch`) looking before and after; nothing else projects during a step.
+plain-tensor groups `sharding.ShardPlan` hands over: local shards, or gathered wholes) and call
+each family's grouped projection once per group, with a watcher (`audit.watch`) looking before
+and after; nothing else projects during a step.
 """
 
 from __future__ import annotations
@@ -95,8 +96,10 @@ def is_initialisation_step(optimizer: torch.optim.Optimizer) -> bool:
     for _ in range(16):
         if frame is None:
             return False
-        if frame.f_code.co_name == "_init_optim_state" and \
-                frame.f_globals.get("__name__") == "torch.distributed.checkpoint.state_dict":
+        if (
+            frame.f_code.co_name == "_init_optim_state"
+            and frame.f_globals.get("__name__") == "torch.distributed.checkpoint.state_dict"
+        ):
             return True
         frame = frame.f_back
     return False

@@ -76,8 +76,7 @@ class AuditCallback(TrainerCallback):
     Trainer steps, found through accelerate's wrapper.
     """
 
-    def __init__(self, *sources, metrics=("drift", "residual", "grad_blocked"),
-                 prefix: str = "constraints"):
+    def __init__(self, *sources, metrics=("drift", "residual", "grad_blocked"), prefix: str = "constraints"):
         unknown = [m for m in metrics if m not in METRICS]
         if unknown:
             raise ConstraintError(f"AuditCallback: unknown metrics {unknown}; choose from {METRICS}")

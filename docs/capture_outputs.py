@@ -26,8 +26,9 @@ EXAMPLES = ["tied_kernel", "transpose_flip_symmetry", "filter_transform", "froze
 
 def capture(args: list[str]) -> str:
     env = dict(os.environ, COLUMNS="80", NO_COLOR="1", TERM="dumb")
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
     lines = [line.rstrip() for line in result.stdout.splitlines() if not PROGRESS.search(line)]
     return "\n".join(lines).strip("\n") + "\n"
 
@@ -41,8 +42,10 @@ def write(path: str, text: str) -> None:
 
 def main() -> None:
     for name in EXAMPLES:
-        write(os.path.join(HERE, "questions", "output", f"{name}.txt"),
-              capture([os.path.join("examples", f"{name}.py")]))
+        write(
+            os.path.join(HERE, "questions", "output", f"{name}.txt"),
+            capture([os.path.join("examples", f"{name}.py")]),
+        )
     write(os.path.join(HERE, "guides", "output", "demo.txt"), capture(["-m", "constrained_optim", "demo"]))
 
 

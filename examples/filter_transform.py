@@ -88,8 +88,11 @@ def main(argv=None) -> None:
     print(f"question's .data assignment: the transformation's gradient is None: {no_grad}")
 
     transform = TransformationNet()
-    opt = co.ConstrainedOptimizer(torch.optim.SGD(transform.parameters(), lr=args.lr, momentum=0.9),
-                                  transform, audit_every=max(1, args.steps // 5))
+    opt = co.ConstrainedOptimizer(
+        torch.optim.SGD(transform.parameters(), lr=args.lr, momentum=0.9),
+        transform,
+        audit_every=max(1, args.steps // 5),
+    )
     opt.attach("linear", co.Orthogonal())
 
     table = Table(title="training the filter transformation through functional_call")
@@ -105,16 +108,23 @@ def main(argv=None) -> None:
         grad = float(transform.linear.weight.grad.norm())
         opt.step()
         if step % every == 0 or step == 1:
-            table.add_row(str(step), f"{loss.item():.5f}", f"{grad:.4f}",
-                          f"{orthogonality_residual(transform.linear.weight.detach()):.2e}")
+            table.add_row(
+                str(step),
+                f"{loss.item():.5f}",
+                f"{grad:.4f}",
+                f"{orthogonality_residual(transform.linear.weight.detach()):.2e}",
+            )
     console.print(table)
 
     m = transform.linear.weight.detach()
     with torch.no_grad():
-        final = F.mse_loss(functional_call(pretrained, {"conv.weight": transform(weight)}, (images,)),
-                           targets).item()
-    print(f"final loss {final:.2e}; filter norms preserved: "
-          f"{torch.allclose(transform(weight).flatten(1).norm(dim=1), weight.flatten(1).norm(dim=1))}")
+        final = F.mse_loss(
+            functional_call(pretrained, {"conv.weight": transform(weight)}, (images,)), targets
+        ).item()
+    print(
+        f"final loss {final:.2e}; filter norms preserved: "
+        f"{torch.allclose(transform(weight).flatten(1).norm(dim=1), weight.flatten(1).norm(dim=1))}"
+    )
     print(f"orthogonality residual ||M M^T - I|| = {orthogonality_residual(m):.2e}")
 
     console.print("\n[bold]Audit[/bold]")

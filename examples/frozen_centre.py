@@ -136,15 +136,19 @@ def main(argv=None) -> None:
     console = Console()
     BATCHES[:] = make_batches(WARMUP + args.steps + args.resume_steps)
 
-    console.print(f"[bold]Centre of cnn4_dialation after {WARMUP} warm-up steps, zeroing, "
-                  f"then {args.steps} steps[/bold]")
+    console.print(
+        f"[bold]Centre of cnn4_dialation after {WARMUP} warm-up steps, zeroing, "
+        f"then {args.steps} steps[/bold]"
+    )
     results = {}
     for name, make_opt in OPTIMIZERS.items():
         hook = run_hook(make_opt, args.steps)
         model, opt, worst = run_library(make_opt, args.steps, f"{name:12s}")
         results[name] = (model, opt)
-        print(f"{name:12s} centre max |w|: gradient hook {hook:.3g}   "
-              f"constrained_optim {centre_max(model)} (largest after any step: {worst})")
+        print(
+            f"{name:12s} centre max |w|: gradient hook {hook:.3g}   "
+            f"constrained_optim {centre_max(model)} (largest after any step: {worst})"
+        )
 
     name = "AdamW"
     model, opt = results[name]
@@ -160,8 +164,9 @@ def main(argv=None) -> None:
 
     fresh = BaseModel()
     fresh.load_state_dict(checkpoint["model"])
-    resumed = co.ConstrainedOptimizer(OPTIMIZERS[name](fresh.parameters()), fresh,
-                                      audit_every=audit_every(args.steps))
+    resumed = co.ConstrainedOptimizer(
+        OPTIMIZERS[name](fresh.parameters()), fresh, audit_every=audit_every(args.steps)
+    )
     resumed.attach("cnn4_dialation", co.Fixed((..., 1, 1), 0.0))
     resumed.load_state_dict(checkpoint["opt"])
     print("model state_dict keys unchanged:", list(checkpoint["model"]) == list(BaseModel().state_dict()))
@@ -171,8 +176,10 @@ def main(argv=None) -> None:
         train_step(model, opt, step)  # the uninterrupted run
         train_step(fresh, resumed, step)
     same = all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
-    print(f"after {args.resume_steps} more steps: resumed centre max |w| {centre_max(fresh)}; "
-          f"resumed run equals uninterrupted run: {same}")
+    print(
+        f"after {args.resume_steps} more steps: resumed centre max |w| {centre_max(fresh)}; "
+        f"resumed run equals uninterrupted run: {same}"
+    )
     resumed.check()
     print("check(): every constrained parameter is on its set")
 

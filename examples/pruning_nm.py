@@ -71,8 +71,11 @@ def main(argv=None) -> None:
     x, y = x[:1536], y[:1536]
 
     model = MLP()
-    opt = co.ConstrainedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05), model,
-                                  audit_every=max(1, args.steps // 5))
+    opt = co.ConstrainedOptimizer(
+        torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05),
+        model,
+        audit_every=max(1, args.steps // 5),
+    )
     train(model, opt, x, y, args.steps, "dense     ")
     dense = accuracy(model, x_test, y_test)
 
@@ -82,12 +85,16 @@ def main(argv=None) -> None:
     train(model, opt, x, y, args.steps, "fine-tune ")
     tuned = accuracy(model, x_test, y_test)
 
-    print(f"test accuracy: dense {dense:.3f}, right after 2:4 pruning {pruned:.3f}, "
-          f"after fine-tuning {tuned:.3f}")
+    print(
+        f"test accuracy: dense {dense:.3f}, right after 2:4 pruning {pruned:.3f}, "
+        f"after fine-tuning {tuned:.3f}"
+    )
     weights = {n: p.detach() for n, p in model.named_parameters() if n.endswith("weight")}
     zeros = sum(int((w == 0).sum()) for w in weights.values()) / sum(w.numel() for w in weights.values())
-    print(f"every group of 4 holds at most 2 non-zeros: {all(groups_ok(w) for w in weights.values())}; "
-          f"zero fraction {zeros:.3f}")
+    print(
+        f"every group of 4 holds at most 2 non-zeros: {all(groups_ok(w) for w in weights.values())}; "
+        f"zero fraction {zeros:.3f}"
+    )
     same = all(torch.equal(weights[n] != 0, pattern[n]) for n in weights)
     print(f"pattern is the one chosen at attach (fixed=True): {same}")
 

@@ -131,8 +131,9 @@ def main(argv=None) -> None:
     for column in ("epoch", "question's code", "Tied([[0, 1], [1, 0]])", "Subspace(B0, B1)"):
         table.add_column(column, justify="right")
     for epoch in range(epochs + 1):
-        table.add_row(str(epoch) if epoch < epochs else "final", fmt(q_run[epoch]), fmt(tied[epoch]),
-                      fmt(span[epoch]))
+        table.add_row(
+            str(epoch) if epoch < epochs else "final", fmt(q_run[epoch]), fmt(tied[epoch]), fmt(span[epoch])
+        )
     console.print(table)
 
     shown = min(epochs, len(QUESTION_PRINTED))
@@ -151,12 +152,18 @@ def main(argv=None) -> None:
     # the answer's a, b: W = a B0 + b B1, each of a, b touching all four entries (|B_k|^2 = 4)
     ab = reparametrized(torch.zeros(2), lambda v: v[0] * B[0] + v[1] * B[1], lr, epochs)
     span_scaled, _ = constrained(co.Subspace(B), lr * 4, epochs, "Subspace, lr x 4")
-    print(f"one value per group, lr={lr}  vs  Tied at lr x group size ({GROUP_SIZE}): "
-          f"max |difference| {max_diff(per_group, tied_scaled):.2e}")
-    print(f"one value per group, lr={lr}  vs  Tied at the same lr: "
-          f"max |difference| {max_diff(per_group, tied):.2e}")
-    print(f"F.conv2d with a, b, lr={lr}  vs  Subspace at lr x 4 (|B_k|^2): "
-          f"max |difference| {max_diff(ab, span_scaled):.2e}")
+    print(
+        f"one value per group, lr={lr}  vs  Tied at lr x group size ({GROUP_SIZE}): "
+        f"max |difference| {max_diff(per_group, tied_scaled):.2e}"
+    )
+    print(
+        f"one value per group, lr={lr}  vs  Tied at the same lr: "
+        f"max |difference| {max_diff(per_group, tied):.2e}"
+    )
+    print(
+        f"F.conv2d with a, b, lr={lr}  vs  Subspace at lr x 4 (|B_k|^2): "
+        f"max |difference| {max_diff(ab, span_scaled):.2e}"
+    )
     agree = max_diff(per_group, tied_scaled) < 1e-5 and max_diff(ab, span_scaled) < 1e-5
     print(f"learning-rate relation holds (projected lr = group size x reparametrized lr): {agree}")
 

@@ -111,8 +111,9 @@ def main(argv=None) -> None:
     model = TiedConv(nf, ks)
     theirs = SymmetrisedInForward(nf, ks)
     theirs.load_state_dict(model.state_dict())  # same start: their W is symmetrised in forward
-    opt = co.ConstrainedOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), model,
-                                  audit_every=max(1, args.steps // 5))
+    opt = co.ConstrainedOptimizer(
+        torch.optim.Adam(model.parameters(), lr=1e-2), model, audit_every=max(1, args.steps // 5)
+    )
     opt.attach("W", co.Symmetric(dims=(0, 1), flip=(2, 3)))  # projects W at attach
     their_opt = torch.optim.Adam(theirs.parameters(), lr=1e-2)
 
@@ -130,18 +131,25 @@ def main(argv=None) -> None:
     print(f"W == T(W) exactly (torch.equal) after training: {torch.equal(W, swap_flip(W))}")
     entries = all(
         bool(W[i, j, a, b] == W[j, i, ks - 1 - a, ks - 1 - b])
-        for i in range(nf) for j in range(nf) for a in range(ks) for b in range(ks)
+        for i in range(nf)
+        for j in range(nf)
+        for a in range(ks)
+        for b in range(ks)
     )
     print(f"W[i, j, a, b] == W[j, i, ks-1-a, ks-1-b] for every index: {entries}")
     their_w = ((theirs.W + swap_flip(theirs.W)) / 2).detach()
-    print(f"same W as the question's symmetrise-in-forward model: max |difference| "
-          f"{float((W - their_w).abs().max()):.2e}")
+    print(
+        f"same W as the question's symmetrise-in-forward model: max |difference| "
+        f"{float((W - their_w).abs().max()):.2e}"
+    )
 
     closed_form = (nf * nf * ks * ks + nf * (ks % 2)) // 2
     orbits, rank = orbit_count(nf, ks), projector_rank(nf, ks)
-    print(f"free parameters (nf={nf}, ks={ks}): {orbits} orbits, closed form "
-          f"(nf^2 ks^2 + nf [ks odd]) / 2 = {closed_form}, rank of the projection = {rank}; "
-          f"stored entries {W.numel()}")
+    print(
+        f"free parameters (nf={nf}, ks={ks}): {orbits} orbits, closed form "
+        f"(nf^2 ks^2 + nf [ks odd]) / 2 = {closed_form}, rank of the projection = {rank}; "
+        f"stored entries {W.numel()}"
+    )
     print(f"free-parameter counts agree: {orbits == closed_form == rank}")
 
     console.print("\n[bold]Audit[/bold]")

@@ -54,8 +54,9 @@ def families(name: str) -> dict:
         return {
             "fc1.weight": co.Mask(_free((5, 8), 1)),
             "fc1.bias": co.Fixed(slice(0, 2), 0.25),  # indexes the sharded dim: a local mask
-            "fc2.weight": co.Box(low=-0.3 * torch.rand(5, 1, generator=torch.Generator().manual_seed(2)) - 0.05,
-                                 high=0.3),
+            "fc2.weight": co.Box(
+                low=-0.3 * torch.rand(5, 1, generator=torch.Generator().manual_seed(2)) - 0.05, high=0.3
+            ),
             "fc2.bias": co.NonNegative(),
             "fc3.weight": co.Fixed((..., 1), 0.0),  # leaves the sharded dim alone: applied as it is
             "fc3.bias": co.Mask(_free((8,), 3)) & co.Box(-0.5, 0.5),
@@ -81,7 +82,9 @@ def families(name: str) -> dict:
     if name == "global":  # gathered to an owner, projected once, scattered
         return {
             "fc1.weight": co.Mask(_free((5, 8), 4)) & co.MaxNorm(0.5),
-            "fc1.bias": co.Subspace(torch.linalg.qr(torch.randn(5, 2, generator=torch.Generator().manual_seed(5)))[0].T),
+            "fc1.bias": co.Subspace(
+                torch.linalg.qr(torch.randn(5, 2, generator=torch.Generator().manual_seed(5)))[0].T
+            ),
             "fc2.bias": co.Projection(lambda x: x.clamp_(-0.1, 0.1), name="clamp"),
             "fc3.weight": co.Orthogonal(),
             "fc3.bias": co.Affine(torch.eye(8)[:3], torch.full((8,), 0.05)),
@@ -89,16 +92,27 @@ def families(name: str) -> dict:
             "fc4.bias": co.Invariant([lambda x: x, lambda x: x.flip(0)]),
         }
     if name == "global2":
-        return {"fc1.weight": co.LowRank(2), "fc2.weight": co.Invariant.rotations(),
-                "fc3.bias": co.Mask(_free((8,), 6)) & co.NormBall(0.5)}
+        return {
+            "fc1.weight": co.LowRank(2),
+            "fc2.weight": co.Invariant.rotations(),
+            "fc3.bias": co.Mask(_free((8,), 6)) & co.NormBall(0.5),
+        }
     if name == "mixed":  # one of each path, for checkpoints
-        return {"fc1.weight": co.Mask(_free((5, 8), 7)), "fc1.bias": co.NormBall(0.5),
-                "fc3.weight": co.MaxNorm(0.6, dim=0), "fc4.weight": co.NMSparsity(2, 4),
-                "fc4.bias": co.Fixed(slice(0, 1), 0.1)}
+        return {
+            "fc1.weight": co.Mask(_free((5, 8), 7)),
+            "fc1.bias": co.NormBall(0.5),
+            "fc3.weight": co.MaxNorm(0.6, dim=0),
+            "fc4.weight": co.NMSparsity(2, 4),
+            "fc4.bias": co.Fixed(slice(0, 1), 0.1),
+        }
     if name == "tp":  # fc1 column-parallel (Shard(0)), fc2 row-parallel (Shard(1))
-        return {"fc1.weight": co.UnitNorm(), "fc1.bias": co.Box(-0.2, 0.2),
-                "fc2.weight": co.MaxNorm(0.5), "fc2.bias": co.NonNegative(),
-                "fc3.weight": co.Mask(_free((8, 5), 8)) & co.MaxNorm(0.7)}
+        return {
+            "fc1.weight": co.UnitNorm(),
+            "fc1.bias": co.Box(-0.2, 0.2),
+            "fc2.weight": co.MaxNorm(0.5),
+            "fc2.bias": co.NonNegative(),
+            "fc3.weight": co.Mask(_free((8, 5), 8)) & co.MaxNorm(0.7),
+        }
     raise KeyError(name)
 
 
@@ -142,12 +156,24 @@ def reference(name: str, steps: int = STEPS) -> tuple[dict, list]:
         if k == LATE_AFTER:
             for target, c in late(name).items():
                 opt.attach(target, c)
-    return {n: p.detach().clone() for n, p in model.named_parameters()}, [r.to_dict() for r in opt.audit.history]
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, [
+        r.to_dict() for r in opt.audit.history
+    ]
 
 
 # -- counting collectives ------------------------------------------------------------------------------
-COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_gather_object", "gather", "scatter",
-               "all_reduce", "broadcast", "reduce_scatter_tensor", "all_to_all", "reduce")
+COLLECTIVES = (
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "gather",
+    "scatter",
+    "all_reduce",
+    "broadcast",
+    "reduce_scatter_tensor",
+    "all_to_all",
+    "reduce",
+)
 
 
 @contextlib.contextmanager
@@ -168,6 +194,7 @@ def counting():
             if isinstance(t, torch.Tensor):
                 sizes[name] += t.numel() * t.element_size()
             return fn(*args, **kwargs)
+
         return counted
 
     class Functional(TorchDispatchMode):
@@ -215,8 +242,11 @@ def build(world: int, kind: str, reshard: bool = True, bf16: bool = False):
         spec = {"fc1.weight": Shard(0), "fc1.bias": Shard(0), "fc2.weight": Shard(1)}
         for name, p in list(model.named_parameters()):
             owner, attr = name.rsplit(".", 1)
-            setattr(model.get_submodule(owner), attr,
-                    nn.Parameter(distribute_tensor(p.detach(), mesh, [spec.get(name, Replicate())])))
+            setattr(
+                model.get_submodule(owner),
+                attr,
+                nn.Parameter(distribute_tensor(p.detach(), mesh, [spec.get(name, Replicate())])),
+            )
 
         def net(x):
             return functional_call(model, {n: p.full_tensor() for n, p in model.named_parameters()}, (x,))
@@ -224,15 +254,21 @@ def build(world: int, kind: str, reshard: bool = True, bf16: bool = False):
         return model, net
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if bf16
+        else MixedPrecisionPolicy()
+    )
     for layer in (model.fc1, model.fc2, model.fc3, model.fc4):
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
     return model, fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
 
 
 def whole(model) -> dict[str, torch.Tensor]:
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-            for n, p in model.named_parameters()}
+    return {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for n, p in model.named_parameters()
+    }
 
 
 def local_batch(k: int, rank: int, world: int, kind: str):
@@ -240,7 +276,7 @@ def local_batch(k: int, rank: int, world: int, kind: str):
     if kind == "tp":
         return x, y
     rows = GLOBAL_BATCH // world
-    return x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]
+    return x[rank * rows : (rank + 1) * rows], y[rank * rows : (rank + 1) * rows]
 
 
 def train(case: dict, rank: int, world: int, steps=range(STEPS), model=None, net=None, opt=None) -> dict:
@@ -252,7 +288,9 @@ def train(case: dict, rank: int, world: int, steps=range(STEPS), model=None, net
     try:
         if model is None:
             model, net = build(world, kind, case.get("reshard", True), case.get("bf16", False))
-            opt = co.ConstrainedOptimizer(torch.optim.Adam(model.parameters(), lr=0.05), model, families(name))
+            opt = co.ConstrainedOptimizer(
+                torch.optim.Adam(model.parameters(), lr=0.05), model, families(name)
+            )
         counts = []
         for k in steps:
             x, y = local_batch(k, rank, world, kind)
@@ -269,10 +307,19 @@ def train(case: dict, rank: int, world: int, steps=range(STEPS), model=None, net
             opt.check()
     finally:
         sharding.force_gather = False
-    return {"params": whole(model), "audit": [r.to_dict() for r in opt.audit.history], "counts": counts,
-            "local_shapes": {n: tuple((p.to_local() if hasattr(p, "to_local") else p).shape)
-                             for n, p in model.named_parameters()},
-            "steps_taken": opt.steps_taken, "model": model, "net": net, "opt": opt}
+    return {
+        "params": whole(model),
+        "audit": [r.to_dict() for r in opt.audit.history],
+        "counts": counts,
+        "local_shapes": {
+            n: tuple((p.to_local() if hasattr(p, "to_local") else p).shape)
+            for n, p in model.named_parameters()
+        },
+        "steps_taken": opt.steps_taken,
+        "model": model,
+        "net": net,
+        "opt": opt,
+    }
 
 
 def plan(world: int) -> dict[str, dict]:
@@ -340,10 +387,18 @@ def resume_run(rank, world, path, handle: bool, save_at: int | None, load: bool,
             saved = dcp_save(model, opt, path)
     holder.check()
     keys = sorted(k for entry in saved["state"].values() for k in entry) if saved is not None else []
-    return {"params": whole(model), "audit": [r.to_dict() for r in holder.audit.history],
-            "steps_taken": holder.steps_taken, "keys": keys,
-            "state": {k: {n: (v.full_tensor() if hasattr(v, "full_tensor") else v) for n, v in s.items()}
-                      for k, s in opt.state_dict()["state"].items()} if not handle else None}
+    return {
+        "params": whole(model),
+        "audit": [r.to_dict() for r in holder.audit.history],
+        "steps_taken": holder.steps_taken,
+        "keys": keys,
+        "state": {
+            k: {n: (v.full_tensor() if hasattr(v, "full_tensor") else v) for n, v in s.items()}
+            for k, s in opt.state_dict()["state"].items()
+        }
+        if not handle
+        else None,
+    }
 
 
 def checkpoints(rank, world, out_dir) -> dict:
@@ -401,7 +456,9 @@ def main(out_dir: str) -> None:
         for k in ("model", "net", "opt"):
             result.pop(k)
         torch.save(result, os.path.join(out_dir, f"{name}-w{world}-rank{rank}.pt"))
-    torch.save(checkpoints(rank, world, out_dir), os.path.join(out_dir, f"checkpoints-w{world}-rank{rank}.pt"))
+    torch.save(
+        checkpoints(rank, world, out_dir), os.path.join(out_dir, f"checkpoints-w{world}-rank{rank}.pt")
+    )
     if world == 2:
         torch.save(lonely_call(rank), os.path.join(out_dir, f"lonely-w{world}-rank{rank}.pt"))
         sys.stdout.flush()

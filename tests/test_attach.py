@@ -151,19 +151,35 @@ def test_not_a_constraint_is_refused(setup):
 
 # -- shapes and a failed attach changes nothing ------------------------------------------------------
 BAD = [
-    ("head.weight", lambda: co.Mask(torch.ones(3, dtype=torch.bool)), r"head\.weight \(shape \(2, 4\).*broadcastable"),
+    (
+        "head.weight",
+        lambda: co.Mask(torch.ones(3, dtype=torch.bool)),
+        r"head\.weight \(shape \(2, 4\).*broadcastable",
+    ),
     ("head.weight", lambda: co.Fixed(torch.ones(5, dtype=torch.bool)), r"head\.weight \(shape \(2, 4\)"),
     ("head.weight", lambda: co.Fixed((..., 7)), r"head\.weight \(shape \(2, 4\).*does not index"),
     ("head.weight", lambda: co.Fixed((...,), torch.ones(3)), r"head\.weight \(shape \(2, 4\).*value"),
-    ("head.weight", lambda: co.Tied(torch.zeros(3, dtype=torch.long)), r"head\.weight \(shape \(2, 4\).*trailing shape"),
+    (
+        "head.weight",
+        lambda: co.Tied(torch.zeros(3, dtype=torch.long)),
+        r"head\.weight \(shape \(2, 4\).*trailing shape",
+    ),
     ("head.weight", lambda: co.Symmetric(), r"head\.weight \(shape \(2, 4\).*equal sizes"),
     ("head.weight", lambda: co.Symmetric(dims=(0, 5)), r"head\.weight \(shape \(2, 4\).*out of range"),
     ("head.weight", lambda: co.Subspace(torch.ones(2, 3, 3)), r"head\.weight \(shape \(2, 4\).*basis"),
-    ("head.weight", lambda: co.Affine(torch.ones(1, 4), torch.ones(3)), r"head\.weight \(shape \(2, 4\).*offset"),
+    (
+        "head.weight",
+        lambda: co.Affine(torch.ones(1, 4), torch.ones(3)),
+        r"head\.weight \(shape \(2, 4\).*offset",
+    ),
     ("head.weight", lambda: co.Invariant.rotations(), r"head\.weight \(shape \(2, 4\).*returned"),
     ("head.weight", lambda: co.Invariant([lambda x: x, lambda x: 2 * x]), r"head\.weight.*(norm|group)"),
     ("head.weight", lambda: co.Invariant([lambda x: x, lambda x: x.abs()]), r"head\.weight.*linear"),
-    ("head.weight", lambda: co.Invariant([lambda x: x, lambda x: x.roll(1, -1)]), r"head\.weight.*not a group"),
+    (
+        "head.weight",
+        lambda: co.Invariant([lambda x: x, lambda x: x.roll(1, -1)]),
+        r"head\.weight.*not a group",
+    ),
 ]
 
 
@@ -196,23 +212,31 @@ def test_integer_parameter_is_refused():
         opt.attach("count", co.Mask(torch.ones(3, dtype=torch.bool)))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"audit_every": -1}, "audit_every"), ({"log_every": 0}, "log_every"),
-    ({"tolerance": -1.0}, "tolerance"), ({"on_violation": "explode"}, "on_violation"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"audit_every": -1}, "audit_every"),
+        ({"log_every": 0}, "log_every"),
+        ({"tolerance": -1.0}, "tolerance"),
+        ({"on_violation": "explode"}, "on_violation"),
+    ],
+)
 def test_bad_options_are_refused(kwargs, message):
     with pytest.raises(co.ConstraintError, match=message):
         co.ConstrainedOptimizer(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), **kwargs)
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: co.Mask(torch.tensor([0, 2])), "bool or 0/1"),
-    (lambda: co.Tied(torch.tensor([0.5, 1.0])), "integer"),
-    (lambda: co.Fixed(torch.tensor([1, 0])), "bool mask or an index"),
-    (lambda: co.Symmetric(dims=(0, 1, 2)), "pair"),
-    (lambda: co.Invariant([]), "non-empty"),
-    (lambda: co.Subspace(torch.ones(3, dtype=torch.long)), "floating"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: co.Mask(torch.tensor([0, 2])), "bool or 0/1"),
+        (lambda: co.Tied(torch.tensor([0.5, 1.0])), "integer"),
+        (lambda: co.Fixed(torch.tensor([1, 0])), "bool mask or an index"),
+        (lambda: co.Symmetric(dims=(0, 1, 2)), "pair"),
+        (lambda: co.Invariant([]), "non-empty"),
+        (lambda: co.Subspace(torch.ones(3, dtype=torch.long)), "floating"),
+    ],
+)
 def test_bad_constructor_arguments(make, message):
     with pytest.raises(co.ConstraintError, match=message):
         make()
@@ -221,7 +245,9 @@ def test_bad_constructor_arguments(make, message):
 # -- intersections, detach, check, project_ ---------------------------------------------------------
 def test_check_names_each_parameter_off_its_set(setup):
     model, _, opt = setup
-    opt.attach("features.0.weight", co.Fixed((..., 1, 1), 0.0)).attach("head.bias", co.Mask(torch.tensor([True, False])))
+    opt.attach("features.0.weight", co.Fixed((..., 1, 1), 0.0)).attach(
+        "head.bias", co.Mask(torch.tensor([True, False]))
+    )
     opt.check()
     with torch.no_grad():
         model.features[0].weight[0, 0, 1, 1] = 0.5
@@ -246,7 +272,9 @@ def test_detach_stops_enforcing(setup):
 
 def test_wrapper_shares_the_wrapped_optimizer_objects(setup):
     _, inner, opt = setup
-    assert opt.param_groups is inner.param_groups and opt.state is inner.state and opt.defaults is inner.defaults
+    assert (
+        opt.param_groups is inner.param_groups and opt.state is inner.state and opt.defaults is inner.defaults
+    )
     assert isinstance(opt, torch.optim.Optimizer)
     with pytest.raises(TypeError):
         co.ConstrainedOptimizer(object())

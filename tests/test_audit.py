@@ -114,8 +114,9 @@ def test_drift_off_a_nonlinear_set_matches_a_replayed_bare_step():
         with torch.no_grad():
             twin.copy_(w)
         bare.state.clear()
-        bare.state[twin] = {key: v.clone() if torch.is_tensor(v) else v
-                            for key, v in opt.optimizer.state.get(w, {}).items()}
+        bare.state[twin] = {
+            key: v.clone() if torch.is_tensor(v) else v for key, v in opt.optimizer.state.get(w, {}).items()
+        }
         step_with(opt, [w], [g])
         step_with(bare, [twin], [g])
         x = twin.detach().double().numpy()
@@ -143,16 +144,24 @@ def test_drift_on_orthogonal_under_adam():
         assert r.residual <= 1e-5
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda ps: torch.optim.SGD(ps, lr=0.1),
-    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
-    lambda ps: torch.optim.Adam(ps, lr=0.05),
-], ids=["sgd", "sgd-nesterov", "adam"])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.1),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+        lambda ps: torch.optim.Adam(ps, lr=0.05),
+    ],
+    ids=["sgd", "sgd-nesterov", "adam"],
+)
 def test_drift_is_exactly_zero_where_the_optimizer_cannot_leave_the_set(make_opt):
     # projected gradients + element-wise updates keep linear sets through the origin exactly
     torch.manual_seed(0)
-    params = [nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(4, 4)),
-              nn.Parameter(torch.randn(2, 2, 2)), nn.Parameter(torch.randn(2, 3, 3))]
+    params = [
+        nn.Parameter(torch.randn(3, 4)),
+        nn.Parameter(torch.randn(4, 4)),
+        nn.Parameter(torch.randn(2, 2, 2)),
+        nn.Parameter(torch.randn(2, 3, 3)),
+    ]
     opt = co.ConstrainedOptimizer(make_opt(params), audit_every=1)
     opt.attach(params[0], co.Mask(torch.rand(3, 4) > 0.5))
     opt.attach(params[1], co.Symmetric())
@@ -233,8 +242,9 @@ def test_default_tolerance_is_relative_to_the_parameter():
 @pytest.mark.parametrize("on_violation", ["warn", "ignore"])
 def test_nonfinite_parameter_is_always_reported_by_name(audit_every, on_violation, caplog):
     a, b = nn.Parameter(torch.ones(2, 2)), nn.Parameter(torch.ones(3))
-    opt = co.ConstrainedOptimizer(torch.optim.SGD([a, b], lr=1.0), audit_every=audit_every,
-                                  on_violation=on_violation)
+    opt = co.ConstrainedOptimizer(
+        torch.optim.SGD([a, b], lr=1.0), audit_every=audit_every, on_violation=on_violation
+    )
     opt.attach(a, co.Symmetric()).attach(b, co.Mask(torch.tensor([True, True, False])))
     caplog.set_level("WARNING", logger="constrained_optim")
     with pytest.warns(RuntimeWarning, match=r"non-finite.*params\[1\]") as caught:
@@ -277,8 +287,12 @@ def test_grad_blocked_is_the_share_of_the_gradient_norm_removed():
     tied = g4.clone()
     for v in (0, 1):
         tied[labels == v] = g4[labels == v].mean()
-    expected = [share(g1, g1 * mask), share(g2, torch.where(torch.arange(9).view(1, 3, 3) == 4, 0.0, g2)),
-                share(g3, (g3 + g3.T) / 2), share(g4, tied)]
+    expected = [
+        share(g1, g1 * mask),
+        share(g2, torch.where(torch.arange(9).view(1, 3, 3) == 4, 0.0, g2)),
+        share(g3, (g3 + g3.T) / 2),
+        share(g4, tied),
+    ]
     got = [r.grad_blocked for r in sorted(opt.audit.last, key=lambda r: r.name)]
     assert got == pytest.approx(expected, rel=1e-6, abs=0)
 
@@ -354,11 +368,15 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().view(torch.int32)
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda ps: torch.optim.Adam(ps, lr=0.01),
-    lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, foreach=False),
-    lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9, weight_decay=0.01),
-], ids=["adam", "adamw-loop", "sgd-momentum"])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: torch.optim.Adam(ps, lr=0.01),
+        lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, foreach=False),
+        lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9, weight_decay=0.01),
+    ],
+    ids=["adam", "adamw-loop", "sgd-momentum"],
+)
 def test_auditing_leaves_training_bitwise_identical(make_opt):
     runs = {n: _trained(n, make_opt) for n in (0, 1, 3)}
     ref_net, ref_opt = runs[0]
@@ -423,15 +441,23 @@ def _records(rows):
 
 
 def test_summary_covers_the_whole_run_not_only_the_kept_history():
-    rows = [(s, n, d, r, b) for s, (d, r, b) in enumerate(
-        [(0.5, 0.0, 0.1), (2.0, 1e-9, 0.3), (math.nan, math.nan, math.nan), (1.0, 3e-9, 0.2)], 1)
-        for n in ("a", "b")]
+    rows = [
+        (s, n, d, r, b)
+        for s, (d, r, b) in enumerate(
+            [(0.5, 0.0, 0.1), (2.0, 1e-9, 0.3), (math.nan, math.nan, math.nan), (1.0, 3e-9, 0.2)], 1
+        )
+        for n in ("a", "b")
+    ]
     full, small = Audit(), Audit(max_history=2)
     for audit in (full, small):
         for step in range(1, 5):
             step_rows = [r for r in _records(rows) if r.step == step]
-            audit.add(step, [r.name for r in step_rows], [r.constraint for r in step_rows],
-                      [(r.drift, r.drift_max, r.residual, r.grad_blocked) for r in step_rows])
+            audit.add(
+                step,
+                [r.name for r in step_rows],
+                [r.constraint for r in step_rows],
+                [(r.drift, r.drift_max, r.residual, r.grad_blocked) for r in step_rows],
+            )
         audit.note_nonfinite(3, ["a"], ["C"])
     assert len(small.history) == 2 and [r.step for r in small.last] == [4, 4]
     for audit in (full, small):
@@ -461,8 +487,9 @@ def test_state_dict_round_trip_continues_the_run(tmp_path):
     assert resumed.summaries == whole.summaries
     # a checkpoint from before summaries existed: rebuilt from its history
     old = Audit()
-    old.load_state_dict({"history": [r.to_dict() for r in whole.history],
-                         "last": [r.to_dict() for r in whole.last]})
+    old.load_state_dict(
+        {"history": [r.to_dict() for r in whole.history], "last": [r.to_dict() for r in whole.last]}
+    )
     assert old.summaries["a"].drift_max == 8.0 and old.summaries["a"].audited == 2
     with pytest.raises(ValueError, match="audit state_dict"):
         Audit().load_state_dict({"records": []})

@@ -23,9 +23,24 @@ def test_quick_run_prints_a_ratio_per_row(tmp_path):
     out_json = tmp_path / "bench.json"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--threads", "1", "--rows",
-                           ",".join(ROWS), "--json", str(out_json)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "run.py"),
+            "--quick",
+            "--threads",
+            "1",
+            "--rows",
+            ",".join(ROWS),
+            "--json",
+            str(out_json),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     out = proc.stdout
     assert "library / fair baseline" in out
@@ -35,7 +50,9 @@ def test_quick_run_prints_a_ratio_per_row(tmp_path):
         for name in names:
             line = re.search(rf"^.*\b{row} .*{re.escape(name)}.*$", out, re.MULTILINE)
             assert line, f"row {row} {name!r} not in the table:\n{out}"
-            assert re.search(r"\d+\.\d\dx", line.group(0)), f"no ratio on the line of {name!r}:\n{line.group(0)}"
+            assert re.search(r"\d+\.\d\dx", line.group(0)), (
+                f"no ratio on the line of {name!r}:\n{line.group(0)}"
+            )
             assert re.search(r"PASS|MISS|info", line.group(0))
     for other in ("Fixed centre", "ResNet-18", "GPT-2", "peak memory: "):
         assert other not in out  # --rows selects

@@ -85,16 +85,22 @@ def test_the_engine_groups_boxes_into_one_foreach_call():
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     opt.step()
-    assert bool((model[0].weight.detach().abs() <= torch.tensor(0.1)).all()) and float(model[0].bias.detach().min()) >= 0
+    assert (
+        bool((model[0].weight.detach().abs() <= torch.tensor(0.1)).all())
+        and float(model[0].bias.detach().min()) >= 0
+    )
 
 
-@pytest.mark.parametrize("low, high, match", [
-    (1.0, 0.0, "low > high"),
-    (torch.tensor([0.0, 2.0]), torch.tensor([1.0, 1.0]), "low > high"),
-    (torch.zeros(2), torch.ones(3), "do not broadcast"),
-    (float("nan"), None, "NaN"),
-    (torch.tensor([True]), None, "real number"),
-])
+@pytest.mark.parametrize(
+    "low, high, match",
+    [
+        (1.0, 0.0, "low > high"),
+        (torch.tensor([0.0, 2.0]), torch.tensor([1.0, 1.0]), "low > high"),
+        (torch.zeros(2), torch.ones(3), "do not broadcast"),
+        (float("nan"), None, "NaN"),
+        (torch.tensor([True]), None, "real number"),
+    ],
+)
 def test_bad_boxes_raise(low, high, match):
     with pytest.raises(co.ConstraintError, match=match):
         co.Box(low, high)

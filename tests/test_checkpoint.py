@@ -42,16 +42,31 @@ def needs(name):
 
 # (id, constraints, check(model) -> bool that the model is on the sets, marks)
 CASES = [
-    ("Mask", lambda: {"fc1.weight": co.Mask(FREE)},
-     lambda m: bool((m.fc1.weight[~FREE] == 0).all()), ()),
-    ("Fixed", lambda: {"fc1.weight": co.Fixed(HELD, HELD_VALUES), "fc2.bias": co.Fixed(slice(0, 2), 0.5)},
-     lambda m: bool((m.fc1.weight[HELD] == HELD_VALUES[HELD]).all() and (m.fc2.bias[:2] == 0.5).all()), ()),
-    ("Symmetric", lambda: {"fc2.weight": co.Symmetric()},
-     lambda m: torch.equal(m.fc2.weight, m.fc2.weight.T), ()),
-    ("MaxNorm", lambda: {"fc1.weight": co.MaxNorm(0.5)},
-     lambda m: bool((m.fc1.weight.norm(dim=1) <= 0.5 * (1 + 1e-6)).all()), (needs("MaxNorm"),)),
-    ("NMSparsity-fixed", lambda: {"fc1.weight": co.NMSparsity(2, 4, fixed=True)},
-     lambda m: bool(((m.fc1.weight.reshape(6, 2, 4) != 0).sum(-1) <= 2).all()), (needs("NMSparsity"),)),
+    ("Mask", lambda: {"fc1.weight": co.Mask(FREE)}, lambda m: bool((m.fc1.weight[~FREE] == 0).all()), ()),
+    (
+        "Fixed",
+        lambda: {"fc1.weight": co.Fixed(HELD, HELD_VALUES), "fc2.bias": co.Fixed(slice(0, 2), 0.5)},
+        lambda m: bool((m.fc1.weight[HELD] == HELD_VALUES[HELD]).all() and (m.fc2.bias[:2] == 0.5).all()),
+        (),
+    ),
+    (
+        "Symmetric",
+        lambda: {"fc2.weight": co.Symmetric()},
+        lambda m: torch.equal(m.fc2.weight, m.fc2.weight.T),
+        (),
+    ),
+    (
+        "MaxNorm",
+        lambda: {"fc1.weight": co.MaxNorm(0.5)},
+        lambda m: bool((m.fc1.weight.norm(dim=1) <= 0.5 * (1 + 1e-6)).all()),
+        (needs("MaxNorm"),),
+    ),
+    (
+        "NMSparsity-fixed",
+        lambda: {"fc1.weight": co.NMSparsity(2, 4, fixed=True)},
+        lambda m: bool(((m.fc1.weight.reshape(6, 2, 4) != 0).sum(-1) <= 2).all()),
+        (needs("NMSparsity"),),
+    ),
 ]
 
 OPTIMIZERS = {
@@ -108,8 +123,9 @@ def test_resume_is_bitwise_identical(case, opt_name, tmp_path):
     torch.save({"model": model_a.state_dict(), "opt": opt_a.state_dict()}, tmp_path / "ckpt.pt")
 
     model_b, opt_b = build(1, constraints(), make_opt)  # another random init
-    attached_data = {b.name: {k: v.clone() for k, v in b.state_tensors().items()}
-                     for b in opt_b.engine.bounds.values()}
+    attached_data = {
+        b.name: {k: v.clone() for k, v in b.state_tensors().items()} for b in opt_b.engine.bounds.values()
+    }
     ckpt = torch.load(tmp_path / "ckpt.pt")  # weights_only: the checkpoint is plain data
     model_b.load_state_dict(ckpt["model"])
     opt_b.load_state_dict(ckpt["opt"])
@@ -118,16 +134,17 @@ def test_resume_is_bitwise_identical(case, opt_name, tmp_path):
         for key, value in bound.state_tensors().items():
             assert torch.equal(value, ckpt["opt"]["constraints"]["parameters"][bound.name]["tensors"][key])
     if case[0] == "NMSparsity-fixed":  # the fresh init chose another pattern, which was replaced
-        assert any(not torch.equal(v, attached_data["fc1.weight"][k])
-                   for k, v in opt_b.engine.bounds[model_b.fc1.weight].state_tensors().items())
+        assert any(
+            not torch.equal(v, attached_data["fc1.weight"][k])
+            for k, v in opt_b.engine.bounds[model_b.fc1.weight].state_tensors().items()
+        )
     train(model_b, opt_b, range(HALF, 2 * HALF), holds)
 
     assert_same_run(model, opt, model_b, opt_b)
 
 
 def test_model_trained_under_constraints_loads_into_a_plain_model():
-    model, opt = build(0, {"fc1.weight": co.Mask(FREE), "fc2.weight": co.Symmetric()},
-                       OPTIMIZERS["Adam"])
+    model, opt = build(0, {"fc1.weight": co.Mask(FREE), "fc2.weight": co.Symmetric()}, OPTIMIZERS["Adam"])
     train(model, opt, range(3))
     torch.manual_seed(5)
     plain = Net()
@@ -142,8 +159,9 @@ def test_checkpoint_loads_into_the_plain_wrapped_optimizer():
     train(model, opt, range(3))
     plain = torch.optim.Adam(model.parameters(), lr=0.02)
     plain.load_state_dict(opt.state_dict())
-    for (k, a), (_, b) in zip(flat_state(opt), [(k, v) for p in model.parameters()
-                                                for k, v in sorted(plain.state[p].items())]):
+    for (k, a), (_, b) in zip(
+        flat_state(opt), [(k, v) for p in model.parameters() for k, v in sorted(plain.state[p].items())]
+    ):
         assert torch.equal(a, b), k
 
 
@@ -196,26 +214,56 @@ def saved_and_fresh(saved_constraints, fresh_constraints, hidden=6, fresh_lr=0.0
     return opt_a.state_dict(), model_b, opt_b
 
 
-@pytest.mark.parametrize("saved, fresh, hidden, expected", [
-    pytest.param({"fc1.weight": co.Fixed((..., 0), 0.0)}, {"fc3.weight": co.Fixed((..., 0), 0.0)}, 6,
-                 ["fc1.weight: the checkpoint constrains it to Fixed((..., 0), 0.0); "
-                  "here it has no constraint",
-                  "fc3.weight: constrained to Fixed((..., 0), 0.0) here; the checkpoint has no constraint"],
-                 id="other-target"),
-    pytest.param({"fc2.weight": co.Symmetric()}, {"fc2.weight": co.Symmetric()}, 7,
-                 ["fc2.weight: shape (6, 6) in the checkpoint, (7, 7) here"], id="other-shape"),
-    pytest.param({"fc2.weight": co.Symmetric()},
-                 {"fc2.weight": co.Mask(torch.ones(6, 6, dtype=torch.bool))}, 6,
-                 ["fc2.weight: constraint type Symmetric (Symmetric(dims=(0, 1))) in the checkpoint, "
-                  "Mask (Mask(36/36 free)) here"], id="other-type"),
-    pytest.param({"fc2.weight": co.Symmetric()}, {"fc2.weight": co.Symmetric(dims=None, flip=(1,))}, 6,
-                 ["fc2.weight: Symmetric(dims=(0, 1)) in the checkpoint, Symmetric(dims=(), flip=(1,)) here"],
-                 id="other-arguments"),
-    pytest.param({"fc2.weight": co.Symmetric(), "fc1.weight": co.Mask(FREE)},
-                 {"fc2.weight": co.Mask(torch.ones(6, 6, dtype=torch.bool)), "fc3.bias": co.Fixed(0, 1.0)}, 6,
-                 ["fc2.weight: constraint type Symmetric", "fc1.weight: the checkpoint constrains it",
-                  "fc3.bias: constrained to Fixed(0, 1.0) here"], id="all-differences-listed"),
-])
+@pytest.mark.parametrize(
+    "saved, fresh, hidden, expected",
+    [
+        pytest.param(
+            {"fc1.weight": co.Fixed((..., 0), 0.0)},
+            {"fc3.weight": co.Fixed((..., 0), 0.0)},
+            6,
+            [
+                "fc1.weight: the checkpoint constrains it to Fixed((..., 0), 0.0); here it has no constraint",
+                "fc3.weight: constrained to Fixed((..., 0), 0.0) here; the checkpoint has no constraint",
+            ],
+            id="other-target",
+        ),
+        pytest.param(
+            {"fc2.weight": co.Symmetric()},
+            {"fc2.weight": co.Symmetric()},
+            7,
+            ["fc2.weight: shape (6, 6) in the checkpoint, (7, 7) here"],
+            id="other-shape",
+        ),
+        pytest.param(
+            {"fc2.weight": co.Symmetric()},
+            {"fc2.weight": co.Mask(torch.ones(6, 6, dtype=torch.bool))},
+            6,
+            [
+                "fc2.weight: constraint type Symmetric (Symmetric(dims=(0, 1))) in the checkpoint, "
+                "Mask (Mask(36/36 free)) here"
+            ],
+            id="other-type",
+        ),
+        pytest.param(
+            {"fc2.weight": co.Symmetric()},
+            {"fc2.weight": co.Symmetric(dims=None, flip=(1,))},
+            6,
+            ["fc2.weight: Symmetric(dims=(0, 1)) in the checkpoint, Symmetric(dims=(), flip=(1,)) here"],
+            id="other-arguments",
+        ),
+        pytest.param(
+            {"fc2.weight": co.Symmetric(), "fc1.weight": co.Mask(FREE)},
+            {"fc2.weight": co.Mask(torch.ones(6, 6, dtype=torch.bool)), "fc3.bias": co.Fixed(0, 1.0)},
+            6,
+            [
+                "fc2.weight: constraint type Symmetric",
+                "fc1.weight: the checkpoint constrains it",
+                "fc3.bias: constrained to Fixed(0, 1.0) here",
+            ],
+            id="all-differences-listed",
+        ),
+    ],
+)
 def test_mismatched_checkpoint_says_what_differs_and_changes_nothing(saved, fresh, hidden, expected):
     checkpoint, model, opt = saved_and_fresh(saved, fresh, hidden, fresh_lr=0.5)
     snap = snapshot(model, opt)
@@ -276,8 +324,10 @@ def test_resume_with_an_lr_scheduler(tmp_path):
 
     model_a, opt_a, sched_a = build_scheduled(0)
     train_scheduled(model_a, opt_a, sched_a, range(HALF))
-    torch.save({"model": model_a.state_dict(), "opt": opt_a.state_dict(), "sched": sched_a.state_dict()},
-               tmp_path / "ckpt.pt")
+    torch.save(
+        {"model": model_a.state_dict(), "opt": opt_a.state_dict(), "sched": sched_a.state_dict()},
+        tmp_path / "ckpt.pt",
+    )
     model_b, opt_b, sched_b = build_scheduled(1)
     ckpt = torch.load(tmp_path / "ckpt.pt")
     model_b.load_state_dict(ckpt["model"])

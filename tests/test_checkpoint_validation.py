@@ -19,12 +19,16 @@ from test_transactions import assert_same, snapshot
 def make():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 8), nn.Linear(8, 4))
-    opt = co.ConstrainedOptimizer(torch.optim.Adam(model.parameters(), lr=0.05), model, {
-        "0.weight": co.Mask(torch.rand(4, 4) > 0.5),
-        "1.weight": co.Tied(torch.arange(16).view(4, 4) % 5),
-        "2.weight": co.Subspace(torch.randn(3, 8, 4)),
-        "3.weight": co.Fixed(torch.rand(4, 8) > 0.7, 0.25),
-    })
+    opt = co.ConstrainedOptimizer(
+        torch.optim.Adam(model.parameters(), lr=0.05),
+        model,
+        {
+            "0.weight": co.Mask(torch.rand(4, 4) > 0.5),
+            "1.weight": co.Tied(torch.arange(16).view(4, 4) % 5),
+            "2.weight": co.Subspace(torch.randn(3, 8, 4)),
+            "3.weight": co.Fixed(torch.rand(4, 8) > 0.7, 0.25),
+        },
+    )
     for k in range(3):
         opt.zero_grad()
         model(torch.randn(5, 4, generator=torch.Generator().manual_seed(k))).square().mean().backward()
@@ -75,17 +79,35 @@ BAD = {
     "entry shape other": (P + ("0.weight", "shape"), (4, 5), "shape (4, 5)"),
     "entry shape not ints": (P + ("0.weight", "shape"), ("a", 4), "tuple of ints"),
     "entry missing": (P + ("1.weight",), DELETE, "has no constraint on it"),
-    "entry extra": (P + ("9.weight",), {"type": "Mask", "constraint": "Mask()", "shape": (1,), "tensors": {}},
-                    "here it has no constraint"),
+    "entry extra": (
+        P + ("9.weight",),
+        {"type": "Mask", "constraint": "Mask()", "shape": (1,), "tensors": {}},
+        "here it has no constraint",
+    ),
     # each family's data
-    "mask of 7s": (P + ("0.weight", "tensors", "keep"), torch.full((4, 4), 7, dtype=torch.uint8), "only 0 and 1"),
-    "mask of another shape": (P + ("0.weight", "tensors", "keep"), torch.ones(4, 5, dtype=torch.uint8), "shape"),
+    "mask of 7s": (
+        P + ("0.weight", "tensors", "keep"),
+        torch.full((4, 4), 7, dtype=torch.uint8),
+        "only 0 and 1",
+    ),
+    "mask of another shape": (
+        P + ("0.weight", "tensors", "keep"),
+        torch.ones(4, 5, dtype=torch.uint8),
+        "shape",
+    ),
     "mask of another dtype": (P + ("0.weight", "tensors", "keep"), torch.ones(4, 4), "dtype"),
     "mask not a tensor": (P + ("0.weight", "tensors", "keep"), [[1] * 4] * 4, "tensor"),
     "mask key missing": (P + ("0.weight", "tensors", "keep"), DELETE, "expected"),
-    "tied label negative": (P + ("1.weight", "tensors", "group_ids"), -torch.ones(16, dtype=torch.long), "group"),
-    "tied label too large": (P + ("1.weight", "tensors", "group_ids"), torch.full((16,), 99, dtype=torch.long),
-                             "group"),
+    "tied label negative": (
+        P + ("1.weight", "tensors", "group_ids"),
+        -torch.ones(16, dtype=torch.long),
+        "group",
+    ),
+    "tied label too large": (
+        P + ("1.weight", "tensors", "group_ids"),
+        torch.full((16,), 99, dtype=torch.long),
+        "group",
+    ),
     "basis not orthonormal": (P + ("2.weight", "tensors", "*"), None, "orthonormal"),
     "basis with nan": (P + ("2.weight", "tensors", "*"), "nan", "non-finite"),
     "fixed values inf": (P + ("3.weight", "tensors", "values"), "inf", "non-finite"),

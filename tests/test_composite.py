@@ -21,7 +21,9 @@ from constrained_optim.constraints.composite import (
 )
 
 TIED = torch.tensor([[0, 1], [1, 0]])
-MASK = torch.tensor([[[True, False], [True, True]], [[False, True], [True, True]], [[True, True], [True, True]]])
+MASK = torch.tensor(
+    [[[True, False], [True, True]], [[False, True], [True, True]], [[True, True], [True, True]]]
+)
 
 
 def bound_of(constraint, shape, dtype=torch.float64, value=None):
@@ -38,8 +40,14 @@ def projected(bound, x):
 
 def nearest_by_qp(x: np.ndarray, constraints, start=None) -> np.ndarray:
     start = np.zeros_like(x) if start is None else start
-    res = minimize(lambda y: ((y - x) ** 2).sum(), start, jac=lambda y: 2 * (y - x),
-                   constraints=constraints, method="SLSQP", options={"ftol": 1e-10, "maxiter": 1000})
+    res = minimize(
+        lambda y: ((y - x) ** 2).sum(),
+        start,
+        jac=lambda y: 2 * (y - x),
+        constraints=constraints,
+        method="SLSQP",
+        options={"ftol": 1e-10, "maxiter": 1000},
+    )
     assert res.success, res.message
     return res.x
 
@@ -101,7 +109,9 @@ def test_commuting_linear_sets_are_one_exact_pass():
     bound = bound_of(co.Subspace(basis) & co.Fixed(held, 0.0), (4, 3))
     assert bound.one_pass and isinstance(bound.tangent, InTurn)
     x = torch.randn(4, 3, dtype=torch.float64)
-    expected = torch.stack([(x[:, 0] + x[:, 1]) / 2, (x[:, 0] + x[:, 1]) / 2, torch.zeros(4, dtype=x.dtype)], 1)
+    expected = torch.stack(
+        [(x[:, 0] + x[:, 1]) / 2, (x[:, 0] + x[:, 1]) / 2, torch.zeros(4, dtype=x.dtype)], 1
+    )
     torch.testing.assert_close(projected(bound, x), expected, rtol=0, atol=1e-14)
 
 
@@ -114,18 +124,48 @@ def linear_cases():
     held = torch.tensor([[True, False, False], [False, False, True]])
     labels = torch.tensor([[0, 0, 1], [2, 3, 3], [4, 4, 4]])
     return [
-        ("mask-tied", co.Mask(MASK), co.Tied(TIED), (3, 2, 2), Joined,
-         held_rows(~MASK.numpy()) + tied_rows((3, 2, 2), TIED)),
-        ("subspace-fixed", co.Subspace(basis), co.Fixed(held, 0.0), (2, 3), ExplicitLinear,
-         held_rows(held.numpy()) + [np.kron(np.eye(2)[i], np.array([1.0, -1.0, 1.0])) for i in range(2)]),
-        ("symmetric-tied", co.Symmetric(), co.Tied(labels), (3, 3), Joined,
-         [np.eye(9)[3 * i + j] - np.eye(9)[3 * j + i] for i in range(3) for j in range(i + 1, 3)]
-         + tied_rows((3, 3), labels)),
-        ("signs-tied", co.Invariant(SIGN_FLIP), co.Tied(torch.tensor([0, 1, 0, 1])), (2, 4), Joined,
-         [np.eye(8)[4 * r + i] + np.eye(8)[4 * r + 3 - i] for r in range(2) for i in range(2)]
-         + tied_rows((2, 4), torch.tensor([0, 1, 0, 1]))),
-        ("odd-sign-cycle", co.Invariant(SIGN_FLIP), co.Tied(torch.tensor([0, 1, 1, 0])), (4,), Joined,
-         [np.eye(4)[i] + np.eye(4)[3 - i] for i in range(2)] + tied_rows((4,), torch.tensor([0, 1, 1, 0]))),
+        (
+            "mask-tied",
+            co.Mask(MASK),
+            co.Tied(TIED),
+            (3, 2, 2),
+            Joined,
+            held_rows(~MASK.numpy()) + tied_rows((3, 2, 2), TIED),
+        ),
+        (
+            "subspace-fixed",
+            co.Subspace(basis),
+            co.Fixed(held, 0.0),
+            (2, 3),
+            ExplicitLinear,
+            held_rows(held.numpy()) + [np.kron(np.eye(2)[i], np.array([1.0, -1.0, 1.0])) for i in range(2)],
+        ),
+        (
+            "symmetric-tied",
+            co.Symmetric(),
+            co.Tied(labels),
+            (3, 3),
+            Joined,
+            [np.eye(9)[3 * i + j] - np.eye(9)[3 * j + i] for i in range(3) for j in range(i + 1, 3)]
+            + tied_rows((3, 3), labels),
+        ),
+        (
+            "signs-tied",
+            co.Invariant(SIGN_FLIP),
+            co.Tied(torch.tensor([0, 1, 0, 1])),
+            (2, 4),
+            Joined,
+            [np.eye(8)[4 * r + i] + np.eye(8)[4 * r + 3 - i] for r in range(2) for i in range(2)]
+            + tied_rows((2, 4), torch.tensor([0, 1, 0, 1])),
+        ),
+        (
+            "odd-sign-cycle",
+            co.Invariant(SIGN_FLIP),
+            co.Tied(torch.tensor([0, 1, 1, 0])),
+            (4,),
+            Joined,
+            [np.eye(4)[i] + np.eye(4)[3 - i] for i in range(2)] + tied_rows((4,), torch.tensor([0, 1, 1, 0])),
+        ),
     ]
 
 
@@ -140,8 +180,9 @@ def test_non_commuting_linear_sets_project_exactly_onto_the_intersection(name, a
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
         x = torch.randn(shape, generator=gen, dtype=torch.float64)
-        np.testing.assert_allclose(projected(bound, x).numpy().reshape(-1), reference @ x.numpy().reshape(-1),
-                                   atol=1e-10)
+        np.testing.assert_allclose(
+            projected(bound, x).numpy().reshape(-1), reference @ x.numpy().reshape(-1), atol=1e-10
+        )
         g = x.clone()
         bound.project_grad_(g, x)
         np.testing.assert_allclose(g.numpy().reshape(-1), reference @ x.numpy().reshape(-1), atol=1e-10)
@@ -151,7 +192,9 @@ def test_joined_holds_and_ties_are_bitwise_in_float32():
     """Held values, zeros and ties come out exact, not to rounding, however the sets overlap."""
     held = torch.zeros(3, 3, dtype=torch.bool)
     held[0, 2] = True  # ties to (2, 0) by symmetry, and to (0, 0), (0, 1) by the labels
-    constraint = co.Fixed(held, 0.3) & co.Tied(torch.tensor([[0, 0, 0], [1, 2, 3], [4, 4, 5]])) & co.Symmetric()
+    constraint = (
+        co.Fixed(held, 0.3) & co.Tied(torch.tensor([[0, 0, 0], [1, 2, 3], [4, 4, 5]])) & co.Symmetric()
+    )
     bound = bound_of(constraint, (3, 3), torch.float32)
     assert isinstance(bound.tangent, Joined)
     y = projected(bound, torch.randn(3, 3))
@@ -179,14 +222,21 @@ def test_non_commuting_affine_sets_land_on_the_nearest_point():
     held = torch.tensor([[True, False], [False, False]])
     bound = bound_of(co.Fixed(held, 2.0) & co.Tied(torch.tensor([[0, 0], [1, 1]])), (2, 2))
     x = torch.tensor([[0.0, 1.0], [3.0, 5.0]], dtype=torch.float64)
-    torch.testing.assert_close(projected(bound, x), torch.tensor([[2.0, 2.0], [4.0, 4.0]], dtype=torch.float64))
+    torch.testing.assert_close(
+        projected(bound, x), torch.tensor([[2.0, 2.0], [4.0, 4.0]], dtype=torch.float64)
+    )
     assert float(torch.linalg.vector_norm(bound.residual(projected(bound, x)))) == 0.0
     # the same set through the explicit path (an affine span that is not a tying)
-    offset_bound = bound_of(co.Affine(torch.tensor([[1.0, 1.0]]), torch.tensor([0.0, 1.0])) & co.Fixed(
-        torch.tensor([True, False]), 2.0), (2,))
+    offset_bound = bound_of(
+        co.Affine(torch.tensor([[1.0, 1.0]]), torch.tensor([0.0, 1.0]))
+        & co.Fixed(torch.tensor([True, False]), 2.0),
+        (2,),
+    )
     assert isinstance(offset_bound.tangent, ExplicitLinear)
-    torch.testing.assert_close(projected(offset_bound, torch.zeros(2, dtype=torch.float64)),
-                               torch.tensor([2.0, 3.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        projected(offset_bound, torch.zeros(2, dtype=torch.float64)),
+        torch.tensor([2.0, 3.0], dtype=torch.float64),
+    )
 
 
 def test_large_non_commuting_linear_sets_alternate_to_tolerance(monkeypatch):
@@ -198,7 +248,9 @@ def test_large_non_commuting_linear_sets_alternate_to_tolerance(monkeypatch):
     rows = held_rows(held.numpy()) + [np.kron(np.eye(2)[i], np.array([1.0, -1.0, 1.0])) for i in range(2)]
     reference = null_space_projector(rows, 6)
     x = torch.randn(2, 3, dtype=torch.float64)
-    np.testing.assert_allclose(projected(bound, x).numpy().reshape(-1), reference @ x.numpy().reshape(-1), atol=1e-12)
+    np.testing.assert_allclose(
+        projected(bound, x).numpy().reshape(-1), reference @ x.numpy().reshape(-1), atol=1e-12
+    )
 
 
 # -- a ball or sphere with cones: one exact pass ------------------------------------------------------
@@ -211,10 +263,22 @@ def _conv_centre():
 CONE_CASES = [
     ("maxnorm-fixed0", lambda: co.MaxNorm(0.7) & co.Fixed((..., 1, 1), 0.0), (4, 3, 3, 3)),
     ("fixed0-maxnorm", lambda: co.Fixed((..., 1, 1), 0.0) & co.MaxNorm(0.7), (4, 3, 3, 3)),
-    ("maxnorm-mask", lambda: co.MaxNorm(0.5) & co.Mask(torch.rand(5, 6, generator=torch.Generator().manual_seed(1)) > 0.4), (5, 6)),
+    (
+        "maxnorm-mask",
+        lambda: co.MaxNorm(0.5) & co.Mask(torch.rand(5, 6, generator=torch.Generator().manual_seed(1)) > 0.4),
+        (5, 6),
+    ),
     ("ball-nonneg", lambda: co.NormBall(1.0) & co.NonNegative(), (7,)),
-    ("ball-nonneg-mask", lambda: co.NormBall(0.8, dim=1) & co.NonNegative() & co.Mask(torch.tensor([True, False, True, True])), (3, 4)),
-    ("maxnorm-fixed-mask", lambda: co.MaxNorm(0.3) & co.Mask(torch.tensor([True, True, False, True])) & co.Fixed((..., 0), 0.0), (3, 4)),
+    (
+        "ball-nonneg-mask",
+        lambda: co.NormBall(0.8, dim=1) & co.NonNegative() & co.Mask(torch.tensor([True, False, True, True])),
+        (3, 4),
+    ),
+    (
+        "maxnorm-fixed-mask",
+        lambda: co.MaxNorm(0.3) & co.Mask(torch.tensor([True, True, False, True])) & co.Fixed((..., 0), 0.0),
+        (3, 4),
+    ),
 ]
 
 
@@ -245,10 +309,13 @@ def test_a_ball_with_a_mask_matches_brute_force():
     mask = torch.tensor([True, False, True, True, False])
     bound = bound_of(co.NormBall(1.0) & co.Mask(mask), (5,))
     x = torch.tensor([2.0, 5.0, -1.0, 0.5, 3.0], dtype=torch.float64)
-    ref = nearest_by_qp(x.numpy(), [
-        {"type": "ineq", "fun": lambda v: 1 - (v**2).sum(), "jac": lambda v: -2 * v},
-        {"type": "eq", "fun": lambda v: v[~mask.numpy()], "jac": lambda v: np.eye(5)[~mask.numpy()]},
-    ])
+    ref = nearest_by_qp(
+        x.numpy(),
+        [
+            {"type": "ineq", "fun": lambda v: 1 - (v**2).sum(), "jac": lambda v: -2 * v},
+            {"type": "eq", "fun": lambda v: v[~mask.numpy()], "jac": lambda v: np.eye(5)[~mask.numpy()]},
+        ],
+    )
     np.testing.assert_allclose(projected(bound, x).numpy(), ref, atol=1e-6)
 
 
@@ -262,7 +329,7 @@ def test_unit_norm_with_a_mask_is_one_pass_and_fills_zero_units_on_free_entries(
     assert bool((y[~mask] == 0).all())
     torch.testing.assert_close(y.norm(dim=1), torch.ones(3))
     torch.testing.assert_close(y[0], (x[0] * mask[0]) / (x[0] * mask[0]).norm())
-    torch.testing.assert_close(y[1], mask[1].float() / 2 ** 0.5)
+    torch.testing.assert_close(y[1], mask[1].float() / 2**0.5)
 
 
 def test_a_box_that_is_no_cone_or_a_sphere_with_signs_goes_to_dykstra():
@@ -278,11 +345,14 @@ def test_dykstra_finds_the_nearest_point_of_a_ball_and_a_box(seed):
     x = torch.randn(6, generator=gen, dtype=torch.float64) * 2
     bound = bound_of(co.NormBall(1.5) & co.Box(-0.2, 0.9), (6,))
     y = projected(bound, x)
-    ref = nearest_by_qp(x.numpy(), [
-        {"type": "ineq", "fun": lambda v: 1.5**2 - (v**2).sum(), "jac": lambda v: -2 * v},
-        {"type": "ineq", "fun": lambda v: v + 0.2, "jac": lambda v: np.eye(6)},
-        {"type": "ineq", "fun": lambda v: 0.9 - v, "jac": lambda v: -np.eye(6)},
-    ])
+    ref = nearest_by_qp(
+        x.numpy(),
+        [
+            {"type": "ineq", "fun": lambda v: 1.5**2 - (v**2).sum(), "jac": lambda v: -2 * v},
+            {"type": "ineq", "fun": lambda v: v + 0.2, "jac": lambda v: np.eye(6)},
+            {"type": "ineq", "fun": lambda v: 0.9 - v, "jac": lambda v: -np.eye(6)},
+        ],
+    )
     np.testing.assert_allclose(y.numpy(), ref, atol=1e-6)
     assert float(torch.linalg.vector_norm(bound.residual(y))) < 1e-10
 
@@ -298,16 +368,25 @@ def test_dykstra_finds_the_nearest_point_of_a_ball_and_a_halfspace():
     for x in ([0.0, -2.0, 1.0, 0.0], [2.0, -1.0, 0.5, 1.0]):
         x = torch.tensor(x, dtype=torch.float64)
         y = projected(bound, x)
-        ref = nearest_by_qp(x.numpy(), [
-            {"type": "ineq", "fun": lambda v: 1 - (v**2).sum(), "jac": lambda v: -2 * v},
-            {"type": "ineq", "fun": lambda v: a.numpy() @ v - 1, "jac": lambda v: a.numpy()},
-        ], start=(a / (a * a).sum()).numpy())
+        ref = nearest_by_qp(
+            x.numpy(),
+            [
+                {"type": "ineq", "fun": lambda v: 1 - (v**2).sum(), "jac": lambda v: -2 * v},
+                {"type": "ineq", "fun": lambda v: a.numpy() @ v - 1, "jac": lambda v: a.numpy()},
+            ],
+            start=(a / (a * a).sum()).numpy(),
+        )
         np.testing.assert_allclose(y.numpy(), ref, atol=1e-6)
     # plain alternating projections reach the intersection, but not its nearest point, from the first
     alternating = torch.tensor([0.0, -2.0, 1.0, 0.0], dtype=torch.float64)
     for _ in range(500):
         alternating = halfspace(alternating * min(1.0, 1.0 / float(alternating.norm())))
-    assert float((alternating - projected(bound, torch.tensor([0.0, -2.0, 1.0, 0.0], dtype=torch.float64))).norm()) > 0.1
+    assert (
+        float(
+            (alternating - projected(bound, torch.tensor([0.0, -2.0, 1.0, 0.0], dtype=torch.float64))).norm()
+        )
+        > 0.1
+    )
 
 
 def test_tied_and_non_negative_is_the_clamped_group_mean():
@@ -316,7 +395,9 @@ def test_tied_and_non_negative_is_the_clamped_group_mean():
     x = torch.randn(3, 2, 2, dtype=torch.float64)
     flat = x.reshape(3, 4)
     lab = TIED.flatten()
-    expected = torch.stack([torch.stack([flat[:, lab == v].mean(1) for v in (0, 1)], 1)[:, lab]]).reshape(3, 2, 2)
+    expected = torch.stack([torch.stack([flat[:, lab == v].mean(1) for v in (0, 1)], 1)[:, lab]]).reshape(
+        3, 2, 2
+    )
     torch.testing.assert_close(projected(bound, x), expected.clamp_min(0), rtol=0, atol=1e-12)
 
 
@@ -400,15 +481,21 @@ def test_nesting_flattens_and_reads_as_the_operator():
     c = (co.Mask(torch.ones(3, dtype=torch.bool)) & co.Box(0, 1)) & co.NonNegative()
     assert len(c.constraints) == 3
     assert repr(c) == "Mask(3/3 free) & Box(low=0.0, high=1.0) & NonNegative()"
-    assert c.linear is False and (co.Mask(torch.ones(3, dtype=torch.bool)) & co.Tied(torch.zeros(3, dtype=torch.long))).linear
+    assert (
+        c.linear is False
+        and (co.Mask(torch.ones(3, dtype=torch.bool)) & co.Tied(torch.zeros(3, dtype=torch.long))).linear
+    )
 
 
-@pytest.mark.parametrize("args, kwargs, match", [
-    ((), {}, "at least one"),
-    ((co.Box(0, 1), "box"), {}, "members must be constraints"),
-    ((co.Box(0, 1),), {"max_iter": 0}, "max_iter"),
-    ((co.Box(0, 1),), {"tol": 0.0}, "tol"),
-])
+@pytest.mark.parametrize(
+    "args, kwargs, match",
+    [
+        ((), {}, "at least one"),
+        ((co.Box(0, 1), "box"), {}, "members must be constraints"),
+        ((co.Box(0, 1),), {"max_iter": 0}, "max_iter"),
+        ((co.Box(0, 1),), {"tol": 0.0}, "tol"),
+    ],
+)
 def test_bad_intersections_raise(args, kwargs, match):
     with pytest.raises(co.ConstraintError, match=match):
         co.Intersection(*args, **kwargs)
@@ -478,7 +565,9 @@ def test_user_functions_that_fail_at_attach_change_nothing():
 
     with pytest.raises(co.ConstraintError, match=r"\(shape \(2, 3\).*failed.*cannot"):
         opt.attach(p, co.Projection(boom))
-    with pytest.raises(co.ConstraintError, match=r"returned shape \(3,\), expected a tensor of shape \(2, 3\)"):
+    with pytest.raises(
+        co.ConstraintError, match=r"returned shape \(3,\), expected a tensor of shape \(2, 3\)"
+    ):
         opt.attach(p, co.Projection(lambda x: x[0]))
     with pytest.raises(co.ConstraintError, match="project_grad"):
         opt.attach(p, co.Projection(lambda x: x, lambda g, x: None))

@@ -112,7 +112,11 @@ def test_gradient_projection_is_orthogonal_onto_the_tangent_space(case, dtype):
     orthogonal to what is kept, and the projection equals the projector's linear part."""
     bound, param = bound_for(case, dtype)
     gen = torch.Generator().manual_seed(3)
-    x = case.feasible(gen, case.shape, dtype) if case.feasible else projected(bound, torch.randn(case.shape, dtype=dtype))
+    x = (
+        case.feasible(gen, case.shape, dtype)
+        if case.feasible
+        else projected(bound, torch.randn(case.shape, dtype=dtype))
+    )
     origin = projected(bound, torch.zeros(case.shape, dtype=dtype))
     for g in random_points(case, dtype, 3, seed=4):
         pg = g.clone()
@@ -128,15 +132,20 @@ def test_gradient_projection_is_orthogonal_onto_the_tangent_space(case, dtype):
 def test_convex_projection_is_nearest_and_non_expansive(case, dtype):
     bound, _ = bound_for(case, dtype)
     gen = torch.Generator().manual_seed(5)
-    ys = ([case.feasible(gen, case.shape, dtype) for _ in range(8)] if case.feasible
-          else [projected(bound, x) for x in random_points(case, dtype, 8, seed=6)])
+    ys = (
+        [case.feasible(gen, case.shape, dtype) for _ in range(8)]
+        if case.feasible
+        else [projected(bound, x) for x in random_points(case, dtype, 8, seed=6)]
+    )
     xs = random_points(case, dtype, 6, seed=7)
     for x in xs:
         px = projected(bound, x)
         for y in ys:  # <x - P(x), y - P(x)> <= 0 for every y in the set
             assert float(((x - px) * (y - px)).sum()) <= tol(dtype, float(x.norm() * y.norm()))
     for x, z in zip(xs, xs[1:]):
-        assert float((projected(bound, x) - projected(bound, z)).norm()) <= float((x - z).norm()) * (1 + tol(dtype))
+        assert float((projected(bound, x) - projected(bound, z)).norm()) <= float((x - z).norm()) * (
+            1 + tol(dtype)
+        )
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -261,8 +270,13 @@ def test_equal_constraints_built_twice_are_the_same(case):
 
 
 def test_every_exported_family_has_a_case():
-    families = {obj for name in co.__all__ if isinstance(obj := getattr(co, name), type)
-                and issubclass(obj, co.Constraint) and obj is not co.Constraint}
+    families = {
+        obj
+        for name in co.__all__
+        if isinstance(obj := getattr(co, name), type)
+        and issubclass(obj, co.Constraint)
+        and obj is not co.Constraint
+    }
     covered = set()
     for case in CASES:
         c = case.make()
@@ -317,8 +331,9 @@ class CountWrites(TorchFunctionMode):
         targets = [kwargs.get("out")]
         if (name.endswith("_") and not name.startswith("__")) or name in self.INPLACE_DUNDERS:
             targets.append(args[0] if args else None)
-        self.count += sum(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == self.storage
-                          for t in targets)
+        self.count += sum(
+            isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == self.storage for t in targets
+        )
         return func(*args, **kwargs)
 
 

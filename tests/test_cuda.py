@@ -61,13 +61,18 @@ def test_constraint_holds_after_every_step_on_cuda(case, opt_name):
 def model_and_optimizer(seed=0, audit_every=1):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 8)).cuda()
-    opt = co.ConstrainedOptimizer(O.Adam(model.parameters(), lr=0.01, fused=True), model, {
-        "0.weight": co.Mask(torch.rand(32, 32, generator=torch.Generator().manual_seed(1)) > 0.5),
-        "2.weight": co.Symmetric(),
-        "4.weight": co.MaxNorm(0.5) & co.Fixed((..., 0), 0.0),
-        "0.bias": co.NonNegative(),
-        "2.bias": co.Tied(torch.arange(32) % 4),
-    }, audit_every=audit_every)
+    opt = co.ConstrainedOptimizer(
+        O.Adam(model.parameters(), lr=0.01, fused=True),
+        model,
+        {
+            "0.weight": co.Mask(torch.rand(32, 32, generator=torch.Generator().manual_seed(1)) > 0.5),
+            "2.weight": co.Symmetric(),
+            "4.weight": co.MaxNorm(0.5) & co.Fixed((..., 0), 0.0),
+            "0.bias": co.NonNegative(),
+            "2.bias": co.Tied(torch.arange(32) % 4),
+        },
+        audit_every=audit_every,
+    )
     return model, opt
 
 

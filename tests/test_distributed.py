@@ -32,8 +32,10 @@ WORLDS = (2, 3)
 TIMEOUT = 300  # per world size; a hang fails here instead of blocking the suite
 BARRIER_TIMEOUT = 3
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(),
+    reason="torch.distributed with gloo is not available",
+)
 
 
 def free_port() -> int:
@@ -48,15 +50,28 @@ def loopback_interface() -> str | None:
 
 
 def start(world: int, out_dir: Path) -> list[subprocess.Popen]:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world),
-               OMP_NUM_THREADS="1", CONSTRAINED_OPTIM_BARRIER_TIMEOUT=str(BARRIER_TIMEOUT),
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        WORLD_SIZE=str(world),
+        OMP_NUM_THREADS="1",
+        CONSTRAINED_OPTIM_BARRIER_TIMEOUT=str(BARRIER_TIMEOUT),
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
     lo = loopback_interface()
     if lo:  # gloo talks over the loopback interface only
         env.setdefault("GLOO_SOCKET_IFNAME", lo)
-    return [subprocess.Popen([sys.executable, str(WORKER), str(out_dir)], env=dict(env, RANK=str(r)),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for r in range(world)]
+    return [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(out_dir)],
+            env=dict(env, RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +121,10 @@ def close_audits(a, b, rel=1e-4, abs_=1e-6) -> bool:
     keys = ("drift", "drift_max", "residual", "grad_blocked")
     return len(a) == len(b) and all(
         (x["step"], x["name"], x["constraint"]) == (y["step"], y["name"], y["constraint"])
-        and all(math.isclose(x[k], y[k], rel_tol=rel, abs_tol=abs_)
-                or (math.isnan(x[k]) and math.isnan(y[k])) for k in keys)
+        and all(
+            math.isclose(x[k], y[k], rel_tol=rel, abs_tol=abs_) or (math.isnan(x[k]) and math.isnan(y[k]))
+            for k in keys
+        )
         for x, y in zip(a, b)
     )
 
@@ -140,8 +157,21 @@ def test_sets_hold_ranks_agree_and_match_one_process(world, case, out_dir, refer
         torch.testing.assert_close(ranks[0]["params"][name], value, **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
-LOCAL = [(w, c) for w in WORLDS for c in ("elementwise", "elementwise-keep", "rowwise", "rowwise-keep",
-                                          "rowwise-bf16", "norms", "norms-keep", "tp") if c in worker.plan(w)]
+LOCAL = [
+    (w, c)
+    for w in WORLDS
+    for c in (
+        "elementwise",
+        "elementwise-keep",
+        "rowwise",
+        "rowwise-keep",
+        "rowwise-bf16",
+        "norms",
+        "norms-keep",
+        "tp",
+    )
+    if c in worker.plan(w)
+]
 
 
 @pytest.mark.parametrize("world,case", LOCAL, ids=[f"w{w}-{c}" for w, c in LOCAL])
@@ -186,10 +216,17 @@ def test_dcp_resume_equals_the_uninterrupted_run_bitwise(world, holder, out_dir)
         if whole["state"] is not None:
             for pid, entry in whole["state"].items():
                 for key, value in entry.items():
-                    assert torch.equal(torch.as_tensor(value), torch.as_tensor(resumed["state"][pid][key])), key
+                    assert torch.equal(torch.as_tensor(value), torch.as_tensor(resumed["state"][pid][key])), (
+                        key
+                    )
         keys = set(result[f"{holder}-first"]["keys"])
-        assert {"constraint.spec", "constraint.steps_taken", "constraint.audit", "constraint.data.keep",
-                "exp_avg"} <= keys
+        assert {
+            "constraint.spec",
+            "constraint.steps_taken",
+            "constraint.audit",
+            "constraint.data.keep",
+            "exp_avg",
+        } <= keys
 
 
 @pytest.mark.parametrize("world", WORLDS)

@@ -16,8 +16,12 @@ FREE = torch.rand(8, 8, generator=torch.Generator().manual_seed(0)) > 0.4
 
 
 def constraints():
-    return {"0.weight": co.Mask(FREE), "0.bias": co.Fixed(slice(0, 2), 0.5),
-            "2.weight": co.NMSparsity(2, 4), "2.bias": co.NormBall(0.5)}
+    return {
+        "0.weight": co.Mask(FREE),
+        "0.bias": co.Fixed(slice(0, 2), 0.5),
+        "2.weight": co.NMSparsity(2, 4),
+        "2.bias": co.NormBall(0.5),
+    }
 
 
 def build(handle: bool, seed: int = 0):
@@ -49,7 +53,9 @@ def load(model, opt, path):
     msd, osd = state_dict_api.get_state_dict(model, opt)
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=path)
-    state_dict_api.set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    state_dict_api.set_state_dict(
+        model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
 
 
 @pytest.mark.parametrize("handle", [False, True], ids=["wrapper", "handle"])
@@ -73,7 +79,8 @@ def test_dcp_resume_equals_the_uninterrupted_run_bitwise(handle, tmp_path):
     # the plain state_dict keeps its own layout: no per-parameter constraint keys
     plain = opt_b.state_dict()
     assert "constraints" in plain and not any(
-        isinstance(k, str) and k.startswith("constraint.") for e in plain["state"].values() for k in e)
+        isinstance(k, str) and k.startswith("constraint.") for e in plain["state"].values() for k in e
+    )
 
 
 @pytest.mark.parametrize("handle", [False, True], ids=["wrapper", "handle"])

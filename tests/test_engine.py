@@ -31,13 +31,17 @@ def one_step(model, opt, seed=0):
 
 
 # -- one engine per optimizer ---------------------------------------------------------------------
-@pytest.mark.parametrize("first, second", [("wrapper", "wrapper"), ("constrain", "wrapper"),
-                                           ("constrain", "constrain"), ("wrapper", "constrain")])
+@pytest.mark.parametrize(
+    "first, second",
+    [("wrapper", "wrapper"), ("constrain", "wrapper"), ("constrain", "constrain"), ("wrapper", "constrain")],
+)
 def test_a_second_engine_on_one_optimizer_is_refused(first, second):
     model = linear_model()
     adam = torch.optim.Adam(model.parameters())
-    make = {"wrapper": lambda: co.ConstrainedOptimizer(adam, model, {"0.weight": co.Symmetric()}),
-            "constrain": lambda: co.constrain(adam, model, {"0.weight": co.Symmetric()})}
+    make = {
+        "wrapper": lambda: co.ConstrainedOptimizer(adam, model, {"0.weight": co.Symmetric()}),
+        "constrain": lambda: co.constrain(adam, model, {"0.weight": co.Symmetric()}),
+    }
     keep = make[first]()
     with pytest.raises(co.ConstraintError, match="already constrained"):
         make[second]()
@@ -65,9 +69,15 @@ def test_a_discarded_wrapper_frees_its_optimizer():
 
 
 # -- the same constraint twice ---------------------------------------------------------------------
-@pytest.mark.parametrize("make", [co.Orthogonal, lambda: co.Mask(torch.arange(36).view(6, 6) % 2 == 0),
-                                  lambda: co.Tied(torch.arange(36).view(6, 6) % 4),
-                                  lambda: co.MaxNorm(1.0) & co.NonNegative()])
+@pytest.mark.parametrize(
+    "make",
+    [
+        co.Orthogonal,
+        lambda: co.Mask(torch.arange(36).view(6, 6) % 2 == 0),
+        lambda: co.Tied(torch.arange(36).view(6, 6) % 4),
+        lambda: co.MaxNorm(1.0) & co.NonNegative(),
+    ],
+)
 def test_attaching_an_equal_constraint_again_changes_nothing(make):
     model = linear_model()
     opt = co.ConstrainedOptimizer(torch.optim.Adam(model.parameters()), model)
@@ -199,8 +209,9 @@ def test_torch_initialisation_step_is_not_counted_audited_or_projected():
     from torch.distributed.checkpoint.state_dict import _init_optim_state
 
     model = linear_model()
-    opt = co.ConstrainedOptimizer(torch.optim.Adam(model.parameters(), lr=0.1), model,
-                                  {"0.weight": co.Symmetric()})
+    opt = co.ConstrainedOptimizer(
+        torch.optim.Adam(model.parameters(), lr=0.1), model, {"0.weight": co.Symmetric()}
+    )
     _init_optim_state(opt)
     assert opt.steps_taken == 0 and not opt.audit.history
     assert opt.state  # the optimizer's state was created
@@ -211,8 +222,9 @@ def test_torch_initialisation_step_is_not_counted_audited_or_projected():
 def test_a_real_step_at_lr_zero_is_still_a_step():
     """Warm-up schedules start at lr 0: that first step's gradients still get projected."""
     model = linear_model()
-    opt = co.ConstrainedOptimizer(torch.optim.Adam(model.parameters(), lr=0.0), model,
-                                  {"0.weight": co.Symmetric()})
+    opt = co.ConstrainedOptimizer(
+        torch.optim.Adam(model.parameters(), lr=0.0), model, {"0.weight": co.Symmetric()}
+    )
     one_step(model, opt)
     assert opt.steps_taken == 1
     m = opt.state[model[0].weight]["exp_avg"]
@@ -223,8 +235,9 @@ def test_a_real_step_at_lr_zero_is_still_a_step():
 def test_held_entries_are_exact_zero_again_after_an_inf():
     model = linear_model()
     free = torch.arange(36).view(6, 6) % 3 != 0
-    opt = co.ConstrainedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, {"0.weight": co.Mask(free)},
-                                  audit_every=0)
+    opt = co.ConstrainedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, {"0.weight": co.Mask(free)}, audit_every=0
+    )
     one_step(model, opt)
     with torch.no_grad():
         model[0].weight[0, 0] = math.inf  # a held entry
@@ -263,8 +276,9 @@ def test_a_step_the_grad_scaler_skips_is_not_counted_for_a_fused_optimizer():
 # -- logging --------------------------------------------------------------------------------------------
 def test_a_broken_log_handler_never_breaks_training():
     model = linear_model()
-    opt = co.ConstrainedOptimizer(torch.optim.Adam(model.parameters()), model, {"0.weight": co.Symmetric()},
-                                  log_every=1)
+    opt = co.ConstrainedOptimizer(
+        torch.optim.Adam(model.parameters()), model, {"0.weight": co.Symmetric()}, log_every=1
+    )
     stream = io.StringIO()
     stream.close()
     handler = logging.StreamHandler(stream)

@@ -26,8 +26,15 @@ def commands(plot: Path) -> dict[str, list[str]]:
     """What each test runs, with a small ``--steps``."""
     return {
         "tied_kernel": [str(EXAMPLES / "tied_kernel.py"), "--steps", "10"],
-        "transpose_flip_symmetry": [str(EXAMPLES / "transpose_flip_symmetry.py"), "--steps", "10",
-                                    "--nf", "4", "--ks", "3"],
+        "transpose_flip_symmetry": [
+            str(EXAMPLES / "transpose_flip_symmetry.py"),
+            "--steps",
+            "10",
+            "--nf",
+            "4",
+            "--ks",
+            "3",
+        ],
         "filter_transform": [str(EXAMPLES / "filter_transform.py"), "--steps", "10"],
         "frozen_centre": [str(EXAMPLES / "frozen_centre.py"), "--steps", "5", "--resume-steps", "2"],
         "pruning_nm": [str(EXAMPLES / "pruning_nm.py"), "--steps", "30"]
@@ -42,8 +49,9 @@ def run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["COLUMNS"] = "200"  # rich tables unwrapped, so the lines below can be matched
     env["OMP_NUM_THREADS"] = "1"  # the runs go two at a time; tiny models gain nothing from threads
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +177,7 @@ def test_cli_without_a_known_command(argv, code, capsys):
 def readme_block(after: str, lang: str) -> str:
     text = (ROOT / "README.md").read_text()
     start = text.index(f"```{lang}\n", text.index(after)) + len(lang) + 4
-    return text[start:text.index("```", start)]
+    return text[start : text.index("```", start)]
 
 
 def test_readme_quick_start_is_the_two_commands():

@@ -27,21 +27,25 @@ def projected(bound, x):
 
 
 # -- refused at construction ------------------------------------------------------------------------
-@pytest.mark.parametrize("make, match", [
-    (lambda: co.Box(torch.tensor(NAN), 1.0), "low has NaN"),
-    (lambda: co.Box(None, torch.tensor([0.0, NAN])), "high has NaN"),
-    (lambda: co.Fixed((..., 1), NAN), "value is not finite"),
-    (lambda: co.Fixed((..., 1), INF), "value is not finite"),
-    (lambda: co.Fixed((..., 1), torch.tensor([1.0, NAN])), "value has non-finite"),
-    (lambda: co.Fixed((..., 1), torch.tensor([INF])), "value has non-finite"),
-    (lambda: co.Affine(torch.ones(1, 2), torch.tensor([0.0, INF])), "offset has non-finite"),
-    (lambda: co.Affine(torch.ones(1, 2), torch.tensor([NAN, 0.0])), "offset has non-finite"),
-    (lambda: co.Subspace(torch.tensor([[1.0, INF]])), "basis has non-finite"),
-    (lambda: co.Subspace(torch.tensor([[NAN, 1.0]])), "basis has non-finite"),
-    (lambda: co.MaxNorm(NAN), "max_value must be a positive"),
-    (lambda: co.NormBall(INF), "finite"),
-    (lambda: co.Symmetric(dims=(0, 1, 2)), "pair"),
-], ids=lambda v: None)
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: co.Box(torch.tensor(NAN), 1.0), "low has NaN"),
+        (lambda: co.Box(None, torch.tensor([0.0, NAN])), "high has NaN"),
+        (lambda: co.Fixed((..., 1), NAN), "value is not finite"),
+        (lambda: co.Fixed((..., 1), INF), "value is not finite"),
+        (lambda: co.Fixed((..., 1), torch.tensor([1.0, NAN])), "value has non-finite"),
+        (lambda: co.Fixed((..., 1), torch.tensor([INF])), "value has non-finite"),
+        (lambda: co.Affine(torch.ones(1, 2), torch.tensor([0.0, INF])), "offset has non-finite"),
+        (lambda: co.Affine(torch.ones(1, 2), torch.tensor([NAN, 0.0])), "offset has non-finite"),
+        (lambda: co.Subspace(torch.tensor([[1.0, INF]])), "basis has non-finite"),
+        (lambda: co.Subspace(torch.tensor([[NAN, 1.0]])), "basis has non-finite"),
+        (lambda: co.MaxNorm(NAN), "max_value must be a positive"),
+        (lambda: co.NormBall(INF), "finite"),
+        (lambda: co.Symmetric(dims=(0, 1, 2)), "pair"),
+    ],
+    ids=lambda v: None,
+)
 def test_non_finite_and_malformed_arguments_are_refused(make, match):
     with pytest.raises(co.ConstraintError, match=match):
         make()
@@ -60,20 +64,24 @@ def test_infinite_box_bounds_are_no_bound_and_round_trip():
 
 
 # -- zero-size and odd parameters ------------------------------------------------------------------
-@pytest.mark.parametrize("constraint, shape", [
-    (co.Tied(torch.zeros(0, dtype=torch.long)), (0,)),
-    (co.Tied(torch.tensor([[0, 1], [1, 0]])), (0, 2, 2)),
-    (co.Subspace(torch.ones(2, 0)), (0,)),
-    (co.Subspace(torch.ones(1, 3)), (0, 3)),
-    (co.Affine(torch.ones(1, 3), torch.ones(3)), (0, 3)),
-    (co.NormBall(1.0, p=1), (0, 3)),
-    (co.NormBall(1.0, p=1, dim=1), (2, 0)),
-    (co.NormBall(1.0), (0, 3)),
-    (co.Simplex(), (0, 3)),
-    (co.Invariant.rotations(), (0, 3, 3)),
-    (co.Mask(torch.ones(0, 3, dtype=torch.bool)), (0, 3)),
-    (co.Box(-1.0, 1.0), (0,)),
-], ids=repr)
+@pytest.mark.parametrize(
+    "constraint, shape",
+    [
+        (co.Tied(torch.zeros(0, dtype=torch.long)), (0,)),
+        (co.Tied(torch.tensor([[0, 1], [1, 0]])), (0, 2, 2)),
+        (co.Subspace(torch.ones(2, 0)), (0,)),
+        (co.Subspace(torch.ones(1, 3)), (0, 3)),
+        (co.Affine(torch.ones(1, 3), torch.ones(3)), (0, 3)),
+        (co.NormBall(1.0, p=1), (0, 3)),
+        (co.NormBall(1.0, p=1, dim=1), (2, 0)),
+        (co.NormBall(1.0), (0, 3)),
+        (co.Simplex(), (0, 3)),
+        (co.Invariant.rotations(), (0, 3, 3)),
+        (co.Mask(torch.ones(0, 3, dtype=torch.bool)), (0, 3)),
+        (co.Box(-1.0, 1.0), (0,)),
+    ],
+    ids=repr,
+)
 def test_a_zero_size_parameter_is_its_own_projection(constraint, shape):
     bound = constraint.bind(param(shape), "w")
     x = torch.randn(shape)
@@ -145,8 +153,9 @@ def held_bound(kind):
         return (co.Mask(keep) & co.NormBall(1.0)).bind(param(shape), "w"), ~keep.expand(shape)
     # held through the join: an odd sign cycle (x_i = -x_{n-1-i} and x_0 = x_3) pins entries 0, 3
     sign_flip = co.Invariant([lambda x: x, lambda x: -x.flip(-1)])
-    return (sign_flip & co.Tied(torch.tensor([0, 1, 2, 0]))).bind(param((1, 4)), "w"), \
-        torch.tensor([[True, False, False, True]])
+    return (sign_flip & co.Tied(torch.tensor([0, 1, 2, 0]))).bind(param((1, 4)), "w"), torch.tensor(
+        [[True, False, False, True]]
+    )
 
 
 @pytest.mark.parametrize("kind", ["mask", "fixed", "nm", "intersection", "joined"])
@@ -164,10 +173,13 @@ def test_repair_zeros_held_entries_whatever_they_hold(kind):
 def test_refused_data_names_what_is_wrong():
     tied = co.Tied(torch.tensor([0, 1, 1])).bind(param(3), "w")
     assert tied.check_state({"group_ids": torch.tensor([0, 2, 2])}) == (
-        False, "group_ids must use every id from 0 to the largest")
+        False,
+        "group_ids must use every id from 0 to the largest",
+    )
     assert tied.check_state({"group_ids": torch.tensor([0, -1, 1])})[1] == "group_ids must lie in [0, 3)"
     assert tied.check_state({"group_ids": torch.tensor([0, 1, 1], dtype=torch.int32)})[1] == (
-        "group_ids of dtype torch.int32, expected torch.int64")
+        "group_ids of dtype torch.int32, expected torch.int64"
+    )
     nm = co.NMSparsity(2, 4).bind(param((2, 4)), "w")
     ok, reason = nm.check_state({"keep": torch.ones(2, 4, dtype=torch.uint8)})  # 0/1, but 4 of 4 kept
     assert not ok and "at most 2 of every 4" in reason
@@ -179,7 +191,9 @@ def test_refused_data_names_what_is_wrong():
     assert sub.check_state({"basis": sub.basis * 1.01}) == (False, "basis must have orthonormal columns")
     affine = co.Affine(torch.tensor([[1.0, 1.0]]), torch.tensor([1.0, -1.0])).bind(param(2), "w")
     assert affine.check_state({"basis": affine.basis, "offset": torch.tensor([1.0, 1.0])}) == (
-        False, "offset must be orthogonal to the basis")
+        False,
+        "offset must be orthogonal to the basis",
+    )
     box = co.Box(torch.zeros(3), torch.ones(3)).bind(param(3), "w")
     assert not box.check_state({"low": torch.full((3,), 2.0), "high": torch.ones(3)})[0]
 
@@ -201,9 +215,11 @@ def test_same_as_tells_different_constraints_apart():
     flips = co.Invariant([lambda x: x, lambda x: -x.flip(-1)])
     assert not flips.same_as(co.Invariant([lambda x: x, lambda x: x.flip(-1)]))
     assert not (co.Mask(torch.ones(3, dtype=torch.bool)) & co.Box(0, 1)).same_as(
-        co.Mask(torch.ones(3, dtype=torch.bool)) & co.Box(0, 2))
+        co.Mask(torch.ones(3, dtype=torch.bool)) & co.Box(0, 2)
+    )
     assert (co.Mask(torch.ones(3, dtype=torch.bool)) & co.Box(0, 1)).same_as(
-        co.Mask(torch.ones(3, dtype=torch.bool)) & co.Box(0, 1))
+        co.Mask(torch.ones(3, dtype=torch.bool)) & co.Box(0, 1)
+    )
     assert not co.NMSparsity(2, 4).same_as(co.NMSparsity(2, 4, dim=-1))
 
 

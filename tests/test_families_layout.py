@@ -25,17 +25,21 @@ class Other(nn.Module):
     pass
 
 
-@pytest.mark.parametrize("owner, weight, out, inp", [
-    (None, torch.zeros(4, 6), 0, -1),
-    (nn.Linear(6, 4), torch.zeros(4, 6), 0, -1),
-    (Other(), torch.zeros(4, 6), 0, -1),
-    (nn.Conv2d(3, 8, 3), torch.zeros(8, 3, 3, 3), 0, 1),
-    (nn.Conv1d(3, 8, 3, groups=1), torch.zeros(8, 3, 3), 0, 1),
-    (nn.ConvTranspose2d(3, 8, 3), torch.zeros(3, 8, 3, 3), 1, 0),
-    (Conv1D(8, 4), torch.zeros(4, 8), -1, 0),
-    (nn.Embedding(10, 4), torch.zeros(10, 4), 0, -1),
-    (nn.Conv2d(3, 8, 3), torch.zeros(8), 0, -1),  # a bias has no layout
-], ids=["none", "linear", "unknown", "conv2d", "conv1d", "conv-transpose", "hf-conv1d", "embedding", "bias"])
+@pytest.mark.parametrize(
+    "owner, weight, out, inp",
+    [
+        (None, torch.zeros(4, 6), 0, -1),
+        (nn.Linear(6, 4), torch.zeros(4, 6), 0, -1),
+        (Other(), torch.zeros(4, 6), 0, -1),
+        (nn.Conv2d(3, 8, 3), torch.zeros(8, 3, 3, 3), 0, 1),
+        (nn.Conv1d(3, 8, 3, groups=1), torch.zeros(8, 3, 3), 0, 1),
+        (nn.ConvTranspose2d(3, 8, 3), torch.zeros(3, 8, 3, 3), 1, 0),
+        (Conv1D(8, 4), torch.zeros(4, 8), -1, 0),
+        (nn.Embedding(10, 4), torch.zeros(10, 4), 0, -1),
+        (nn.Conv2d(3, 8, 3), torch.zeros(8), 0, -1),  # a bias has no layout
+    ],
+    ids=["none", "linear", "unknown", "conv2d", "conv1d", "conv-transpose", "hf-conv1d", "embedding", "bias"],
+)
 def test_output_and_input_dims_of_each_layout(owner, weight, out, inp):
     assert (output_dim(owner, weight), input_dim(owner, weight)) == (out, inp)
 
@@ -45,8 +49,11 @@ def unit_norms(w, out):
     return torch.linalg.vector_norm(w, dim=other)
 
 
-@pytest.mark.parametrize("module", [nn.Linear(6, 4), nn.Conv2d(3, 5, 3), nn.ConvTranspose2d(3, 5, 3),
-                                    Conv1D(5, 4), nn.Embedding(7, 3)], ids=type)
+@pytest.mark.parametrize(
+    "module",
+    [nn.Linear(6, 4), nn.Conv2d(3, 5, 3), nn.ConvTranspose2d(3, 5, 3), Conv1D(5, 4), nn.Embedding(7, 3)],
+    ids=type,
+)
 def test_max_norm_and_unit_norm_take_the_owners_output_units(module):
     w = module.weight.detach() * 5
     out = output_dim(module, w)
@@ -86,8 +93,11 @@ def groups_ok(w, n, m, dim):
     return bool(((moved.reshape(*moved.shape[:-1], -1, m) != 0).sum(-1) <= n).all())
 
 
-@pytest.mark.parametrize("module, dim", [(nn.Linear(8, 4), -1), (nn.Conv2d(8, 4, 3), 1),
-                                         (nn.ConvTranspose2d(8, 4, 3), 0), (Conv1D(4, 8), 0)], ids=str)
+@pytest.mark.parametrize(
+    "module, dim",
+    [(nn.Linear(8, 4), -1), (nn.Conv2d(8, 4, 3), 1), (nn.ConvTranspose2d(8, 4, 3), 0), (Conv1D(4, 8), 0)],
+    ids=str,
+)
 def test_nm_sparsity_groups_along_the_owners_input_dim(module, dim):
     torch.manual_seed(0)
     with torch.no_grad():

@@ -52,11 +52,13 @@ def run(kind, opt_name, steps=6, closure_as="kwarg"):
     sched = torch.optim.lr_scheduler.StepLR(stepper, step_size=2, gamma=0.7)
     for k in range(steps):
         if opt_name == "LBFGS":
+
             def closure(k=k):
                 stepper.zero_grad()
                 loss = loss_of(model, k)
                 loss.backward()
                 return loss
+
             stepper.step(closure=closure) if closure_as == "kwarg" else stepper.step(closure)
         else:
             stepper.zero_grad()
@@ -120,8 +122,10 @@ def test_handle_checkpoint_resumes_bitwise(tmp_path):
 
     model, inner, handle = build(0)
     train(model, inner, range(4))
-    torch.save({"model": model.state_dict(), "opt": inner.state_dict(), "constraints": handle.state_dict()},
-               tmp_path / "ckpt.pt")
+    torch.save(
+        {"model": model.state_dict(), "opt": inner.state_dict(), "constraints": handle.state_dict()},
+        tmp_path / "ckpt.pt",
+    )
     fresh, fresh_inner, fresh_handle = build(3)  # another init
     ckpt = torch.load(tmp_path / "ckpt.pt")
     fresh.load_state_dict(ckpt["model"])

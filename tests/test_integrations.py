@@ -13,8 +13,14 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 import constrained_optim as co
 from constrained_optim.constraints.base import Bound
 
-FREE = torch.tensor([[True, False, True, True], [False, True, True, False],
-                     [True, True, False, True], [True, False, True, True]])
+FREE = torch.tensor(
+    [
+        [True, False, True, True],
+        [False, True, True, False],
+        [True, True, False, True],
+        [True, False, True, True],
+    ]
+)
 
 
 class TwoPart(nn.Module):
@@ -38,12 +44,18 @@ def symmetric(model):
 
 # -- LR schedulers -------------------------------------------------------------------------------------
 SCHEDULERS = {
-    "StepLR": (lambda p: torch.optim.SGD(p, lr=0.1),
-               lambda o: lr_scheduler.StepLR(o, step_size=3, gamma=0.5)),
-    "OneCycleLR": (lambda p: torch.optim.Adam(p, lr=0.01),
-                   lambda o: lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=12)),
-    "ReduceLROnPlateau": (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
-                          lambda o: lr_scheduler.ReduceLROnPlateau(o, factor=0.5, patience=1)),
+    "StepLR": (
+        lambda p: torch.optim.SGD(p, lr=0.1),
+        lambda o: lr_scheduler.StepLR(o, step_size=3, gamma=0.5),
+    ),
+    "OneCycleLR": (
+        lambda p: torch.optim.Adam(p, lr=0.01),
+        lambda o: lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=12),
+    ),
+    "ReduceLROnPlateau": (
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+        lambda o: lr_scheduler.ReduceLROnPlateau(o, factor=0.5, patience=1),
+    ),
 }
 
 
@@ -102,9 +114,12 @@ def test_gradscaler_skips_inf_steps_consistently():
                 model.v.grad[0] = float("inf")
                 if not use_scaler:  # the unscaled reference simply leaves this step out
                     continue
-                before = ([p.detach().clone() for p in model.parameters()],
-                          {k2: v.clone() for k2, v in opt.state[model.w].items()},
-                          opt.steps_taken, len(opt.audit.history))
+                before = (
+                    [p.detach().clone() for p in model.parameters()],
+                    {k2: v.clone() for k2, v in opt.state[model.w].items()},
+                    opt.steps_taken,
+                    len(opt.audit.history),
+                )
             scaler.step(opt)
             scaler.update()
             assert bool((model.w[~FREE] == 0).all())
@@ -127,8 +142,11 @@ def test_gradscaler_skips_inf_steps_consistently():
 def test_cpu_bf16_autocast():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
-    opt = co.ConstrainedOptimizer(torch.optim.AdamW(model.parameters(), lr=0.05), model,
-                                  {"0": co.Symmetric(), "2.weight": co.Fixed((..., 0), 0.25)})
+    opt = co.ConstrainedOptimizer(
+        torch.optim.AdamW(model.parameters(), lr=0.05),
+        model,
+        {"0": co.Symmetric(), "2.weight": co.Fixed((..., 0), 0.25)},
+    )
     for _ in range(4):
         opt.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -147,8 +165,9 @@ def test_gradient_accumulation_is_one_step_on_the_whole_batch():
     def run(micro):
         torch.manual_seed(0)
         model = TwoPart()
-        opt = co.ConstrainedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model,
-                                      {"w": co.Mask(FREE)})
+        opt = co.ConstrainedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model, {"w": co.Mask(FREE)}
+        )
         for step in range(3):
             opt.zero_grad()
             ks = [10 * step + i for i in range(4)]
@@ -173,8 +192,9 @@ def test_zero_grad_set_to_none_false_keeps_grad_tensors():
     def run(set_to_none):
         torch.manual_seed(0)
         model = TwoPart()
-        opt = co.ConstrainedOptimizer(torch.optim.Adam(model.parameters(), lr=0.05), model,
-                                      {"w": co.Symmetric()})
+        opt = co.ConstrainedOptimizer(
+            torch.optim.Adam(model.parameters(), lr=0.05), model, {"w": co.Symmetric()}
+        )
         grads = []
         for k in range(4):
             opt.zero_grad(set_to_none=set_to_none)
@@ -218,12 +238,16 @@ def test_add_param_group_then_attach():
 def test_compiled_model():
     """aot_eager traces forward and backward like inductor but skips code generation (inductor
     takes ~20 s to compile here); the wrapper touches no forward, so any backend works alike."""
+
     def run(compile_it):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
         net = torch.compile(model, backend="aot_eager") if compile_it else model
-        opt = co.ConstrainedOptimizer(torch.optim.Adam(net.parameters(), lr=0.05), net,
-                                      {"0": co.Symmetric(), "2.weight": co.Mask(FREE[:2])})
+        opt = co.ConstrainedOptimizer(
+            torch.optim.Adam(net.parameters(), lr=0.05),
+            net,
+            {"0": co.Symmetric(), "2.weight": co.Mask(FREE[:2])},
+        )
         for k in range(3):
             g = torch.Generator().manual_seed(k)
             opt.zero_grad()
@@ -268,9 +292,11 @@ class Model(nn.Module):
 def test_averages_of_a_convex_set_stay_in_it(kind):
     torch.manual_seed(0)
     model = Model()
-    opt = co.ConstrainedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model,
-                                  {"a.weight": co.Symmetric(), "b.weight": co.Mask(FREE),
-                                   "b.bias": co.Fixed(slice(0, 2), 0.5)})
+    opt = co.ConstrainedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        model,
+        {"a.weight": co.Symmetric(), "b.weight": co.Mask(FREE), "b.bias": co.Fixed(slice(0, 2), 0.5)},
+    )
     avg_fn = get_ema_multi_avg_fn(0.8) if kind == "EMA" else None
     averaged = AveragedModel(model, multi_avg_fn=avg_fn)
     snapshots = []  # the copy made at construction is replaced by the first update
@@ -295,8 +321,9 @@ def test_averages_of_a_convex_set_stay_in_it(kind):
 def test_project_module_puts_an_average_of_a_nonconvex_set_back():
     torch.manual_seed(0)
     model = Model()
-    opt = co.ConstrainedOptimizer(torch.optim.SGD(model.parameters(), lr=0.3), model,
-                                  {"a.weight": Sphere(), "b.weight": co.Symmetric()})
+    opt = co.ConstrainedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.3), model, {"a.weight": Sphere(), "b.weight": co.Symmetric()}
+    )
     averaged = AveragedModel(model)
     for _ in range(4):
         opt.zero_grad()
@@ -315,8 +342,9 @@ def test_project_module_puts_an_average_of_a_nonconvex_set_back():
 def test_project_module_refuses_a_module_without_the_names():
     torch.manual_seed(0)
     model = Model()
-    opt = co.ConstrainedOptimizer(torch.optim.SGD(model.parameters(), lr=0.3), model,
-                                  {"a.weight": Sphere(), "b.weight": co.Symmetric()})
+    opt = co.ConstrainedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.3), model, {"a.weight": Sphere(), "b.weight": co.Symmetric()}
+    )
     other = nn.Sequential()
     other.add_module("b", nn.Linear(4, 4))
     before = other.b.weight.detach().clone()

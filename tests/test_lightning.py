@@ -60,9 +60,16 @@ def loader():
 
 def fit(module, tmp_path, callbacks=(), logger=False):
     trainer = pl.Trainer(
-        max_epochs=1, accelerator="cpu", devices=1, logger=logger, callbacks=list(callbacks),
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        default_root_dir=tmp_path, log_every_n_steps=1,
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        callbacks=list(callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        log_every_n_steps=1,
     )
     trainer.fit(module, loader())
     return trainer
@@ -110,10 +117,16 @@ def test_lightning_with_constrain_hooks_matches_the_wrapper(tmp_path):
 def test_lightning_checkpoint_resumes_bitwise(tmp_path):
     """Lightning saves the wrapper's state_dict (constraints and audit included) and loads it
     back into the optimizer that configure_optimizers builds again."""
+
     def trainer(epochs, root):
         return pl.Trainer(
-            max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-            enable_model_summary=False, default_root_dir=root,
+            max_epochs=epochs,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=root,
             callbacks=[pl.callbacks.ModelCheckpoint(dirpath=root, save_last=True)],
         )
 

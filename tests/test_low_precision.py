@@ -20,18 +20,39 @@ def sym_flip(w):
 
 CHECKS = {  # name: (constraint, shape, check(w) -> bool, exact after every step)
     "Mask": (lambda: co.Mask(MASK), (4, 2, 3), lambda w: bool((w[:, ~MASK] == 0).all())),
-    "Fixed": (lambda: co.Fixed((..., 1, 1), 0.3), (3, 2, 3, 3),
-              lambda w: bool((w[..., 1, 1] == torch.tensor(0.3, dtype=w.dtype)).all())),
-    "Tied": (lambda: co.Tied(LABELS), (5, 2, 3),
-             lambda w: all(bool((w[:, LABELS == v] == w[:, LABELS == v][:, :1]).all()) for v in range(3))),
-    "Symmetric-flip": (lambda: co.Symmetric(flip=(2, 3)), (3, 3, 3, 3), lambda w: torch.equal(w, sym_flip(w))),
-    "NMSparsity": (lambda: co.NMSparsity(2, 4), (3, 8),
-                   lambda w: bool(((w.view(-1, 4) != 0).sum(1) <= 2).all())),
-    "Mask&Tied": (lambda: co.Mask(MASK) & co.Tied(LABELS), (4, 2, 3),
-                  lambda w: bool((w[:, ~MASK] == 0).all())
-                  and all(bool((w[:, LABELS == v] == w[:, LABELS == v][:, :1]).all()) for v in range(3))),
-    "Box": (lambda: co.Box(-0.25, 0.5), (4, 5),
-            lambda w: bool((w >= -0.25).all()) and bool((w <= 0.5).all())),
+    "Fixed": (
+        lambda: co.Fixed((..., 1, 1), 0.3),
+        (3, 2, 3, 3),
+        lambda w: bool((w[..., 1, 1] == torch.tensor(0.3, dtype=w.dtype)).all()),
+    ),
+    "Tied": (
+        lambda: co.Tied(LABELS),
+        (5, 2, 3),
+        lambda w: all(bool((w[:, LABELS == v] == w[:, LABELS == v][:, :1]).all()) for v in range(3)),
+    ),
+    "Symmetric-flip": (
+        lambda: co.Symmetric(flip=(2, 3)),
+        (3, 3, 3, 3),
+        lambda w: torch.equal(w, sym_flip(w)),
+    ),
+    "NMSparsity": (
+        lambda: co.NMSparsity(2, 4),
+        (3, 8),
+        lambda w: bool(((w.view(-1, 4) != 0).sum(1) <= 2).all()),
+    ),
+    "Mask&Tied": (
+        lambda: co.Mask(MASK) & co.Tied(LABELS),
+        (4, 2, 3),
+        lambda w: (
+            bool((w[:, ~MASK] == 0).all())
+            and all(bool((w[:, LABELS == v] == w[:, LABELS == v][:, :1]).all()) for v in range(3))
+        ),
+    ),
+    "Box": (
+        lambda: co.Box(-0.25, 0.5),
+        (4, 5),
+        lambda w: bool((w >= -0.25).all()) and bool((w <= 0.5).all()),
+    ),
 }
 
 
@@ -46,8 +67,11 @@ def test_held_and_tied_entries_are_exact_after_every_step(dtype, name, opt_name)
     # float16 Adam needs an eps float16 can hold: 1e-8 rounds to 0, and a held entry's zeroed
     # second moment then gives 0 / 0
     eps = 1e-4 if dtype == torch.float16 else 1e-8
-    inner = (torch.optim.Adam([p], lr=0.05, eps=eps) if opt_name == "Adam"
-             else torch.optim.SGD([p], lr=0.05, momentum=0.9))
+    inner = (
+        torch.optim.Adam([p], lr=0.05, eps=eps)
+        if opt_name == "Adam"
+        else torch.optim.SGD([p], lr=0.05, momentum=0.9)
+    )
     opt = co.ConstrainedOptimizer(inner)
     for _ in range(2):  # warm, unconstrained
         opt.zero_grad()
@@ -66,13 +90,17 @@ def test_held_and_tied_entries_are_exact_after_every_step(dtype, name, opt_name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("constraint, shape", [
-    (co.Tied(torch.zeros(256, dtype=torch.long)), (2, 256)),  # a long sum: float32, then one rounding
-    (co.Subspace(torch.randn(3, 4, 4)), (2, 4, 4)),
-    (co.UnitNorm(), (3, 64)),
-    (co.Simplex(), (2, 50)),
-    (co.Orthogonal(), (4, 9)),
-], ids=lambda v: repr(v) if isinstance(v, co.Constraint) else str(v))
+@pytest.mark.parametrize(
+    "constraint, shape",
+    [
+        (co.Tied(torch.zeros(256, dtype=torch.long)), (2, 256)),  # a long sum: float32, then one rounding
+        (co.Subspace(torch.randn(3, 4, 4)), (2, 4, 4)),
+        (co.UnitNorm(), (3, 64)),
+        (co.Simplex(), (2, 50)),
+        (co.Orthogonal(), (4, 9)),
+    ],
+    ids=lambda v: repr(v) if isinstance(v, co.Constraint) else str(v),
+)
 def test_projection_is_the_float32_projection_rounded_once(dtype, constraint, shape):
     x = torch.randn(shape).to(dtype)
     low = constraint.bind(torch.nn.Parameter(torch.zeros(shape, dtype=dtype)), "w")
@@ -106,8 +134,13 @@ def test_half_precision_gradients_are_projected_in_float32():
 def test_grouped_path_equals_per_tensor_path(dtype):
     """Half-precision bounds of several families share an engine group; its grouped projection
     (each family's own grouped path, in float32) equals projecting each tensor alone."""
-    specs = [(co.Mask(MASK), (4, 2, 3)), (co.Box(-0.3, 0.3), (5,)), (co.Mask(MASK), (2, 3)),
-             (co.Tied(LABELS), (3, 2, 3)), (co.NonNegative(), (2, 2))]
+    specs = [
+        (co.Mask(MASK), (4, 2, 3)),
+        (co.Box(-0.3, 0.3), (5,)),
+        (co.Mask(MASK), (2, 3)),
+        (co.Tied(LABELS), (3, 2, 3)),
+        (co.NonNegative(), (2, 2)),
+    ]
     bounds = [c.bind(torch.nn.Parameter(torch.zeros(s, dtype=dtype)), "w") for c, s in specs]
     assert {type(b) for b in bounds} == {LowPrecisionBound}  # one kind, whatever the family
     xs = [torch.randn(s).to(dtype) for _, s in specs]
@@ -122,7 +155,11 @@ def test_grouped_path_equals_per_tensor_path(dtype):
 def test_two_attaches_on_a_half_precision_parameter_intersect_in_float32():
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(4, 2, 3).to(torch.bfloat16))
-    opt = co.ConstrainedOptimizer(torch.optim.Adam([p], lr=0.05)).attach(p, co.Mask(MASK)).attach(p, co.Tied(LABELS))
+    opt = (
+        co.ConstrainedOptimizer(torch.optim.Adam([p], lr=0.05))
+        .attach(p, co.Mask(MASK))
+        .attach(p, co.Tied(LABELS))
+    )
     bound = opt.engine.bounds[p]
     assert isinstance(bound, LowPrecisionBound) and bound.inner.linear
     check = CHECKS["Mask&Tied"][2]

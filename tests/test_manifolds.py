@@ -99,6 +99,7 @@ def test_orthogonal_gradient_at_a_point_off_the_manifold_uses_its_polar_factor()
 def test_momentum_moves_along_the_manifold():
     """With the tangent projection the optimizer's step leaves the manifold only to second order
     (drift ~ lr^2); without it, to first order (drift ~ lr)."""
+
     def drift(lr, project_grad):
         torch.manual_seed(0)
         model = torch.nn.Linear(8, 4, bias=False)

@@ -48,6 +48,7 @@ def project_grads_measured_(kind, bounds, gs, xs, scratch):
     pairs = [watch._blocked[id(b)] for b in bounds]
     return [r for r, _ in pairs], [t for _, t in pairs]
 
+
 BIG = (300, 300)  # 90,000 entries: above STREAM_NUMEL, through the scratch buffer
 assert BIG[0] * BIG[1] >= STREAM_NUMEL
 
@@ -62,9 +63,14 @@ def bind(constraint, x, name="w"):
 
 def test_norms_and_maxima_on_every_path():
     gen = torch.Generator().manual_seed(0)
-    tensors = [torch.randn(BIG, generator=gen), torch.randn(7, generator=gen) * 3,
-               torch.zeros(BIG), torch.empty(0), torch.randn(5, 2, generator=gen).half(),
-               torch.full((100_000,), 300.0, dtype=torch.float16)]  # ||.|| = 94868 > fp16's 65504
+    tensors = [
+        torch.randn(BIG, generator=gen),
+        torch.randn(7, generator=gen) * 3,
+        torch.zeros(BIG),
+        torch.empty(0),
+        torch.randn(5, 2, generator=gen).half(),
+        torch.full((100_000,), 300.0, dtype=torch.float16),
+    ]  # ||.|| = 94868 > fp16's 65504
     ns, ms = norms(iter(tensors), with_max=True)
     assert len(ns) == len(ms) == len(tensors)
     for t, n, m in zip(tensors, ns, ms):
@@ -77,8 +83,10 @@ def test_norms_and_maxima_on_every_path():
 
 
 def test_fetch_and_all_finite():
-    cols = [[torch.tensor(1.0), torch.tensor(2.0, dtype=torch.float64)],
-            [torch.tensor(3.0, dtype=torch.float16), torch.tensor(math.nan)]]
+    cols = [
+        [torch.tensor(1.0), torch.tensor(2.0, dtype=torch.float64)],
+        [torch.tensor(3.0, dtype=torch.float16), torch.tensor(math.nan)],
+    ]
     rows = fetch(cols)
     assert rows[0] == [1.0, 3.0] and rows[1][0] == 2.0 and math.isnan(rows[1][1])
     assert all_finite([torch.tensor(1.0), torch.tensor(2.0)])
@@ -123,8 +131,9 @@ def test_fixed_reads_only_its_held_entries():
     assert torch.all(x[..., 1, 1] == 0.5)
 
 
-@pytest.mark.parametrize("make", [lambda: co.Tied(torch.arange(300) % 7), lambda: co.Symmetric()],
-                         ids=["tied", "symmetric"])
+@pytest.mark.parametrize(
+    "make", [lambda: co.Tied(torch.arange(300) % 7), lambda: co.Symmetric()], ids=["tied", "symmetric"]
+)
 def test_drift_and_residual_of_families_without_a_gap_form(make):
     gen = torch.Generator().manual_seed(1)
     xs = [torch.randn(BIG, generator=gen) for _ in range(2)]

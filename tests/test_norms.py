@@ -38,9 +38,15 @@ def qp(x: np.ndarray, constraints, bounds=None, lift=None) -> np.ndarray:
     """``argmin |A v - x|^2`` over the constraints on ``v`` (``A = lift``, default the identity),
     by scipy's SLSQP."""
     a = np.eye(x.size) if lift is None else lift
-    res = minimize(lambda v: ((a @ v - x) ** 2).sum(), np.zeros(a.shape[1]), jac=lambda v: 2 * a.T @ (a @ v - x),
-                   constraints=constraints, bounds=bounds, method="SLSQP",
-                   options={"ftol": 1e-10, "maxiter": 1000})
+    res = minimize(
+        lambda v: ((a @ v - x) ** 2).sum(),
+        np.zeros(a.shape[1]),
+        jac=lambda v: 2 * a.T @ (a @ v - x),
+        constraints=constraints,
+        bounds=bounds,
+        method="SLSQP",
+        options={"ftol": 1e-10, "maxiter": 1000},
+    )
     assert res.success, res.message
     return a @ res.x
 
@@ -62,8 +68,11 @@ def test_simplex_satisfies_kkt_and_matches_bisection_and_qp(seed, radius):
     t = threshold_by_bisection(x.numpy(), radius)
     np.testing.assert_allclose(y.numpy(), np.maximum(x.numpy() - t, 0), atol=1e-10)
     # a generic QP solver
-    ref = qp(x.numpy(), [{"type": "eq", "fun": lambda v: v.sum() - radius, "jac": lambda v: np.ones_like(v)}],
-             bounds=[(0, None)] * x.numel())
+    ref = qp(
+        x.numpy(),
+        [{"type": "eq", "fun": lambda v: v.sum() - radius, "jac": lambda v: np.ones_like(v)}],
+        bounds=[(0, None)] * x.numel(),
+    )
     np.testing.assert_allclose(y.numpy(), ref, atol=1e-6)
 
 
@@ -72,12 +81,18 @@ def test_simplex_per_slice_equals_a_loop_and_handles_edge_points():
     y = projected(co.Simplex(dim=1, radius=2.0), x)
     for i in range(4):
         for k in range(5):
-            torch.testing.assert_close(y[i, :, k], projected(co.Simplex(radius=2.0), x[i, :, k]), rtol=0, atol=1e-14)
+            torch.testing.assert_close(
+                y[i, :, k], projected(co.Simplex(radius=2.0), x[i, :, k]), rtol=0, atol=1e-14
+            )
     # a vertex, a constant row, a row already on the simplex
     rows = torch.tensor([[9.0, 0.0, 0.0], [5.0, 5.0, 5.0], [0.2, 0.3, 0.5]], dtype=torch.float64)
     out = projected(co.Simplex(), rows)
-    torch.testing.assert_close(out, torch.tensor([[1.0, 0, 0], [1 / 3, 1 / 3, 1 / 3], [0.2, 0.3, 0.5]],
-                                                 dtype=torch.float64), rtol=0, atol=1e-15)
+    torch.testing.assert_close(
+        out,
+        torch.tensor([[1.0, 0, 0], [1 / 3, 1 / 3, 1 / 3], [0.2, 0.3, 0.5]], dtype=torch.float64),
+        rtol=0,
+        atol=1e-15,
+    )
 
 
 def test_simplex_sum_is_exact_to_float32_on_long_rows():
@@ -98,11 +113,17 @@ def test_l1_ball_satisfies_kkt_and_matches_bisection_and_qp(seed):
     assert abs(float(y.abs().sum()) - radius) < 1e-12  # x is outside: the projection is on the sphere
     assert bool((y * x >= 0).all())  # signs kept
     t = threshold_by_bisection(x.abs().numpy(), radius)
-    np.testing.assert_allclose(y.numpy(), np.sign(x.numpy()) * np.maximum(np.abs(x.numpy()) - t, 0), atol=1e-10)
+    np.testing.assert_allclose(
+        y.numpy(), np.sign(x.numpy()) * np.maximum(np.abs(x.numpy()) - t, 0), atol=1e-10
+    )
     # QP in the split form y = u - v, u, v >= 0, sum(u + v) <= r
     n = x.numel()
-    ref = qp(x.numpy(), [{"type": "ineq", "fun": lambda v: radius - v.sum(), "jac": lambda v: -np.ones_like(v)}],
-             bounds=[(0, None)] * 2 * n, lift=np.hstack([np.eye(n), -np.eye(n)]))
+    ref = qp(
+        x.numpy(),
+        [{"type": "ineq", "fun": lambda v: radius - v.sum(), "jac": lambda v: -np.ones_like(v)}],
+        bounds=[(0, None)] * 2 * n,
+        lift=np.hstack([np.eye(n), -np.eye(n)]),
+    )
     np.testing.assert_allclose(y.numpy(), ref, atol=1e-6)
 
 
@@ -128,8 +149,9 @@ def test_norm_ball_per_unit_equals_a_loop_over_units(p, dims):
 
 def test_l2_ball_closed_form_and_inside_points_untouched():
     x = torch.tensor([[3.0, 4.0], [0.3, 0.4]], dtype=torch.float64)
-    torch.testing.assert_close(projected(co.NormBall(1.0, dim=1), x),
-                               torch.tensor([[0.6, 0.8], [0.3, 0.4]], dtype=torch.float64))
+    torch.testing.assert_close(
+        projected(co.NormBall(1.0, dim=1), x), torch.tensor([[0.6, 0.8], [0.3, 0.4]], dtype=torch.float64)
+    )
     whole = projected(co.NormBall(2.0), x)
     torch.testing.assert_close(whole, x * 2.0 / x.norm())
     small = torch.randn(5) * 0.01
@@ -163,11 +185,15 @@ def test_max_norm_of_a_vector_is_one_unit_and_dim_overrides():
     b = torch.tensor([3.0, 4.0], dtype=torch.float64)
     torch.testing.assert_close(projected(co.MaxNorm(1.0), b), torch.tensor([0.6, 0.8], dtype=torch.float64))
     w = torch.randn(3, 4, dtype=torch.float64) * 3  # Keras' Dense layout (in, out): norm over dim 0
-    np.testing.assert_allclose(projected(co.MaxNorm(1.0, dim=0), w).numpy(), keras_max_norm(w.numpy(), 1.0, 0))
+    np.testing.assert_allclose(
+        projected(co.MaxNorm(1.0, dim=0), w).numpy(), keras_max_norm(w.numpy(), 1.0, 0)
+    )
 
 
 def test_unit_norm_rows_and_a_zero_row_gets_the_documented_vector():
-    w = torch.tensor([[3.0, 4.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1e-30, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    w = torch.tensor(
+        [[3.0, 4.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1e-30, 0.0, 0.0, 0.0]], dtype=torch.float64
+    )
     y = projected(co.UnitNorm(), w)
     assert bool(y.isfinite().all())
     torch.testing.assert_close(y[0], torch.tensor([0.6, 0.8, 0.0, 0.0], dtype=torch.float64))

@@ -23,7 +23,10 @@ def configs():
     base = [
         ("SGD", lambda p, **k: O.SGD(p, lr=0.05, **k)),
         ("SGD-momentum", lambda p, **k: O.SGD(p, lr=0.05, momentum=0.9, **k)),
-        ("SGD-nesterov-wd", lambda p, **k: O.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1, **k)),
+        (
+            "SGD-nesterov-wd",
+            lambda p, **k: O.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1, **k),
+        ),
         ("Adam", lambda p, **k: O.Adam(p, lr=0.05, **k)),
         ("Adam-wd", lambda p, **k: O.Adam(p, lr=0.05, weight_decay=0.1, **k)),
         ("AdamW", lambda p, **k: O.AdamW(p, lr=0.05, weight_decay=0.1, **k)),
@@ -41,9 +44,13 @@ def configs():
         base.append(("Adafactor", lambda p, **k: O.Adafactor(p, lr=0.05, **k)))
     for name, make in base:
         for foreach in (False, True):
-            out.append((f"{name}-foreach={foreach}", lambda p, m=make, f=foreach: m(p, foreach=f), False, False))
+            out.append(
+                (f"{name}-foreach={foreach}", lambda p, m=make, f=foreach: m(p, foreach=f), False, False)
+            )
     out.append(("LBFGS", lambda p: O.LBFGS(p, lr=0.5, max_iter=4, history_size=5), True, False))
-    out.append(("LBFGS-wolfe", lambda p: O.LBFGS(p, lr=1, max_iter=4, line_search_fn="strong_wolfe"), True, False))
+    out.append(
+        ("LBFGS-wolfe", lambda p: O.LBFGS(p, lr=1, max_iter=4, line_search_fn="strong_wolfe"), True, False)
+    )
     if hasattr(O, "Muon"):  # its update is not element-wise; it takes 2-D parameters only
         out.append(("Muon", lambda p: O.Muon(p, lr=0.05, momentum=0.9), False, True))
     return out
@@ -96,7 +103,9 @@ def run(case, config, warm: bool, steps=4, dtype=torch.float32):
 
 MATRIX = [  # Muon takes 2-D parameters only
     pytest.param(case, config, id=f"{case.id}-{config[0]}")
-    for case in CASES for config in CONFIGS if not (config[3] and len(case.shape) != 2)
+    for case in CASES
+    for config in CONFIGS
+    if not (config[3] and len(case.shape) != 2)
 ]
 
 
@@ -109,8 +118,11 @@ def test_constraint_holds_after_every_step(case, config, warm):
 def test_matrix_covers_every_torch_optimizer():
     """A new optimizer in torch.optim shows up here rather than going untested."""
     covered = {c[0].split("-")[0] for c in CONFIGS} | {"Adam", "SGD", "RMSprop"}
-    in_torch = {n for n, c in vars(O).items()
-                if inspect.isclass(c) and issubclass(c, O.Optimizer) and c is not O.Optimizer}
+    in_torch = {
+        n
+        for n, c in vars(O).items()
+        if inspect.isclass(c) and issubclass(c, O.Optimizer) and c is not O.Optimizer
+    }
     assert in_torch - covered <= {"SparseAdam"}, in_torch - covered  # SparseAdam takes sparse grads
 
 
@@ -118,8 +130,11 @@ def test_matrix_covers_every_torch_optimizer():
 def test_warm_state_is_projected_at_attach(name):
     """Held entries' momentum and second moments are cleared and tied entries' moments agree, so
     the very next update of a feasible point stays in the set without the post-step projection."""
-    make = {"SGD-momentum": lambda p: O.SGD(p, lr=0.1, momentum=0.9),
-            "Adam": lambda p: O.Adam(p, lr=0.1), "AdamW": lambda p: O.AdamW(p, lr=0.1)}[name]
+    make = {
+        "SGD-momentum": lambda p: O.SGD(p, lr=0.1, momentum=0.9),
+        "Adam": lambda p: O.Adam(p, lr=0.1),
+        "AdamW": lambda p: O.AdamW(p, lr=0.1),
+    }[name]
     p = torch.nn.Parameter(torch.randn(3, 4))
     q = torch.nn.Parameter(torch.randn(3, 4))
     inner = make([p, q])
@@ -148,7 +163,9 @@ def test_warm_state_is_projected_at_attach(name):
 def test_fixed_nonzero_value_survives_weight_decay():
     """Decay pulls held entries toward 0 inside the wrapped step; the projection puts them back."""
     p = torch.nn.Parameter(torch.randn(2, 3, 3))
-    opt = co.ConstrainedOptimizer(O.AdamW([p], lr=0.1, weight_decay=0.5)).attach(p, co.Fixed((..., 1, 1), 0.75))
+    opt = co.ConstrainedOptimizer(O.AdamW([p], lr=0.1, weight_decay=0.5)).attach(
+        p, co.Fixed((..., 1, 1), 0.75)
+    )
     for _ in range(5):
         opt.zero_grad()
         p.pow(2).sum().backward()
@@ -156,23 +173,31 @@ def test_fixed_nonzero_value_survives_weight_decay():
         assert bool((p[..., 1, 1] == 0.75).all())
 
 
-@pytest.mark.parametrize("make", [
-    lambda: co.Mask(torch.rand(8, 8, 3, 3, generator=torch.Generator().manual_seed(0)) > 0.5),
-    lambda: co.Fixed((..., 1, 1), 0.25),
-    lambda: co.Tied(torch.tensor([[0, 1, 0], [1, 2, 1], [0, 1, 0]])),
-    lambda: co.Symmetric(dims=(0, 1), flip=(2, 3)),
-    lambda: co.Invariant.rotations(),
-    lambda: co.Orthogonal(),
-    lambda: co.NMSparsity(2, 4, dim=1),
-], ids=["Mask", "Fixed", "Tied", "Symmetric", "rotations", "Orthogonal", "NMSparsity"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: co.Mask(torch.rand(8, 8, 3, 3, generator=torch.Generator().manual_seed(0)) > 0.5),
+        lambda: co.Fixed((..., 1, 1), 0.25),
+        lambda: co.Tied(torch.tensor([[0, 1, 0], [1, 2, 1], [0, 1, 0]])),
+        lambda: co.Symmetric(dims=(0, 1), flip=(2, 3)),
+        lambda: co.Invariant.rotations(),
+        lambda: co.Orthogonal(),
+        lambda: co.NMSparsity(2, 4, dim=1),
+    ],
+    ids=["Mask", "Fixed", "Tied", "Symmetric", "rotations", "Orthogonal", "NMSparsity"],
+)
 def test_channels_last_weights_keep_their_layout_and_their_set(make):
     """A channels_last conv weight is not contiguous; projections write through its strides."""
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(8, 8, 3).to(memory_format=torch.channels_last)
     reference = torch.nn.Conv2d(8, 8, 3)
     reference.load_state_dict(conv.state_dict())
-    opts = [co.ConstrainedOptimizer(torch.optim.Adam(m.parameters(), lr=1e-2), m, on_violation="raise")
-            .attach("weight", make()) for m in (conv, reference)]
+    opts = [
+        co.ConstrainedOptimizer(torch.optim.Adam(m.parameters(), lr=1e-2), m, on_violation="raise").attach(
+            "weight", make()
+        )
+        for m in (conv, reference)
+    ]
     for step in range(3):
         x = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(step))
         for m, opt in zip((conv, reference), opts):

@@ -32,7 +32,9 @@ def test_tied_is_the_group_mean(problem):
     for row in range(xs.shape[0]):
         for label in set(ls.tolist()):
             members = ls == label
-            np.testing.assert_allclose(y.numpy()[row, members], xs[row, members].mean(), rtol=1e-12, atol=1e-9)
+            np.testing.assert_allclose(
+                y.numpy()[row, members], xs[row, members].mean(), rtol=1e-12, atol=1e-9
+            )
             assert len(set(y.numpy()[row, members].tolist())) == 1  # bitwise one value per group
 
 
@@ -71,7 +73,9 @@ def test_symmetric_is_the_mean_with_the_transpose(n, seed):
     for i in range(n):
         for j in range(n):
             assert y[i, j] == y[j, i]
-            assert abs(float(y[i, j]) - (float(x[i, j]) + float(x[j, i])) / 2) <= 1e-12 * (1 + abs(float(x[i, j])))
+            assert abs(float(y[i, j]) - (float(x[i, j]) + float(x[j, i])) / 2) <= 1e-12 * (
+                1 + abs(float(x[i, j]))
+            )
 
 
 @SETTINGS

@@ -45,8 +45,11 @@ PUBLIC = sorted(dict(public_callables()).items())
 def test_public_api_is_annotated(name, fn):
     sig = inspect.signature(fn)
     params = list(sig.parameters.values())
-    missing = [p.name for i, p in enumerate(params)
-               if p.annotation is inspect.Parameter.empty and not (i == 0 and p.name in ("self", "cls"))]
+    missing = [
+        p.name
+        for i, p in enumerate(params)
+        if p.annotation is inspect.Parameter.empty and not (i == 0 and p.name in ("self", "cls"))
+    ]
     if sig.return_annotation is inspect.Signature.empty:
         missing.append("return")
     assert not missing, f"{name}{sig}: no annotation for {', '.join(missing)}"

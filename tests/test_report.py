@@ -35,8 +35,9 @@ class Net(nn.Module):
 def trained(steps=4, **kwargs):
     torch.manual_seed(0)
     net = Net()
-    opt = co.ConstrainedOptimizer(torch.optim.AdamW(net.parameters(), lr=0.05, weight_decay=0.2),
-                                  net, **kwargs)
+    opt = co.ConstrainedOptimizer(
+        torch.optim.AdamW(net.parameters(), lr=0.05, weight_decay=0.2), net, **kwargs
+    )
     opt.attach("dilated", co.Fixed((..., 1, 1), 0.5))
     opt.attach("mixer.weight", co.Mask(torch.rand(4, 4) > 0.4))
     opt.attach("mixer.bias", co.Tied(torch.tensor([0, 0, 1, 1])))
@@ -136,8 +137,10 @@ def test_log_is_a_table_on_a_terminal_and_lines_in_a_file(tmp_path):
 
 
 # -- logging never breaks training -----------------------------------------------------------------
-RECORDS = [AuditRecord(3, "a.weight", "Mask(1/2 free)", 0.0, 0.0, 0.0, 0.5),
-           AuditRecord(3, "b.weight", "MaxNorm(1)", 0.125, 0.0625, 0.0, math.nan)]
+RECORDS = [
+    AuditRecord(3, "a.weight", "Mask(1/2 free)", 0.0, 0.0, 0.0, 0.5),
+    AuditRecord(3, "b.weight", "MaxNorm(1)", 0.125, 0.0625, 0.0, math.nan),
+]
 
 
 class BrokenTty(io.StringIO):
@@ -191,7 +194,9 @@ def test_a_handler_whose_isatty_raises_gets_plain_lines():
     report.log_step(logger, 3, RECORDS)  # cannot tell it is a terminal: plain lines to both
     for stream in (broken, tty):
         assert [parse_line(line)["param"] for line in stream.getvalue().splitlines()] == [
-            "a.weight", "b.weight"]
+            "a.weight",
+            "b.weight",
+        ]
     alone = BrokenTty()
     report.log_step(terminal_logger(alone), 3, RECORDS)
     assert len(alone.getvalue().splitlines()) == 2
@@ -316,14 +321,26 @@ def test_python_dash_m_entry_point(tmp_path):
     path = tmp_path / "run.jsonl"
     opt.audit.to_jsonl(path)
     # -W error: running a module the package already imported would warn (runpy)
-    done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "constrained_optim.audit",
-                           "report", str(path)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", "constrained_optim.audit", "report", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert "mixer.weight" in done.stdout and done.stderr == ""
 
 
-GOOD = {"step": 1, "name": "w", "constraint": "Mask(1/2 free)", "drift": 0.5, "drift_max": None,
-        "residual": "inf", "grad_blocked": 0}
+GOOD = {
+    "step": 1,
+    "name": "w",
+    "constraint": "Mask(1/2 free)",
+    "drift": 0.5,
+    "drift_max": None,
+    "residual": "inf",
+    "grad_blocked": 0,
+}
 MALFORMED = {  # name: (the bad line, what the error says)
     "string step": (json.dumps({**GOOD, "step": "x"}), 'step must be an integer >= 0, got "x"'),
     "negative step": (json.dumps({**GOOD, "step": -1}), "step must be an integer >= 0, got -1"),
@@ -331,14 +348,20 @@ MALFORMED = {  # name: (the bad line, what the error says)
     "deep nesting": ('{"step": 1, "name": ' + "[" * 200_000 + "]" * 200_000 + "}", "nested too deeply"),
     "array": ("[1, 2, 3]", "expected a JSON object, got an array"),
     "number": ("17", "expected a JSON object, got a number"),
-    "missing fields": ('{"step": 1, "name": "w"}',
-                       "missing constraint, drift, drift_max, residual, grad_blocked"),
+    "missing fields": (
+        '{"step": 1, "name": "w"}',
+        "missing constraint, drift, drift_max, residual, grad_blocked",
+    ),
     "unknown field": (json.dumps({**GOOD, "extra": 1}), "unknown field 'extra'"),
     "name not a string": (json.dumps({**GOOD, "name": 3}), "name must be a string, got 3"),
-    "measure a string": (json.dumps({**GOOD, "drift": "big"}),
-                         'drift must be a number, null, "inf" or "-inf", got "big"'),
-    "measure out of range": (json.dumps(GOOD).replace('"drift": 0.5', '"drift": ' + "9" * 400),
-                             "drift is out of range"),
+    "measure a string": (
+        json.dumps({**GOOD, "drift": "big"}),
+        'drift must be a number, null, "inf" or "-inf", got "big"',
+    ),
+    "measure out of range": (
+        json.dumps(GOOD).replace('"drift": 0.5', '"drift": ' + "9" * 400),
+        "drift is out of range",
+    ),
     "not JSON": ('{"step": 1,', "not JSON"),
 }
 
@@ -352,8 +375,13 @@ def write_run(tmp_path, bad_line: bytes | str, name="run.jsonl"):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "constrained_optim.audit", "report", *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "constrained_optim.audit", "report", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
 
 
 def assert_one_error_line(done, *expected):
@@ -376,8 +404,16 @@ def test_read_jsonl_names_the_line_and_what_is_wrong(tmp_path, kind):
 
 def test_read_jsonl_takes_what_to_jsonl_writes_and_standard_json_numbers(tmp_path):
     path = tmp_path / "ok.jsonl"
-    path.write_text("\ufeff" + json.dumps(GOOD) + "\n\n" + json.dumps({**GOOD, "residual": "-inf", "step": 2})
-                    + "\n" + json.dumps({**GOOD, "drift": math.inf}) + "\n", encoding="utf-8")
+    path.write_text(
+        "\ufeff"
+        + json.dumps(GOOD)
+        + "\n\n"
+        + json.dumps({**GOOD, "residual": "-inf", "step": 2})
+        + "\n"
+        + json.dumps({**GOOD, "drift": math.inf})
+        + "\n",
+        encoding="utf-8",
+    )
     a, b, c = read_jsonl(path)
     assert (a.step, a.name, a.drift, a.residual, a.grad_blocked) == (1, "w", 0.5, math.inf, 0.0)
     assert math.isnan(a.drift_max) and b.residual == -math.inf and c.drift == math.inf
@@ -386,8 +422,9 @@ def test_read_jsonl_takes_what_to_jsonl_writes_and_standard_json_numbers(tmp_pat
         Audit.from_records([GOOD])
 
 
-@pytest.mark.parametrize("kind", ["string step", "deep nesting", "array", "missing fields",
-                                  "measure a string", "not JSON"])
+@pytest.mark.parametrize(
+    "kind", ["string step", "deep nesting", "array", "missing fields", "measure a string", "not JSON"]
+)
 def test_cli_report_on_a_malformed_record_prints_one_error_line(tmp_path, kind):
     line, what = MALFORMED[kind]
     path = write_run(tmp_path, line)
@@ -413,12 +450,14 @@ def test_cli_report_in_process_errors_are_one_line(tmp_path, capsys):
 
 
 def test_only_report_imports_rich():
-    importers = [p.relative_to(ROOT).as_posix() for p in (ROOT / "constrained_optim").rglob("*.py")
-                 if re.search(r"^\s*(import rich|from rich)", p.read_text(), re.M)]
+    importers = [
+        p.relative_to(ROOT).as_posix()
+        for p in (ROOT / "constrained_optim").rglob("*.py")
+        if re.search(r"^\s*(import rich|from rich)", p.read_text(), re.M)
+    ]
     assert importers == ["constrained_optim/report.py"]
     code = "import sys, constrained_optim; assert 'rich' not in sys.modules, 'rich imported eagerly'"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
 
 

@@ -80,8 +80,12 @@ def test_seed_002_filter_transform_trains_through_functional_call_and_stays_orth
         W = net.linear.weight.detach()
         torch.testing.assert_close(W @ W.T, torch.eye(9), rtol=0, atol=1e-5)
         # norm-preserving: every filter (and any vector of filter space) keeps its length
-        torch.testing.assert_close(net(pretrained).detach().flatten(1).norm(dim=1),
-                                   pretrained.flatten(1).norm(dim=1), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            net(pretrained).detach().flatten(1).norm(dim=1),
+            pretrained.flatten(1).norm(dim=1),
+            rtol=1e-5,
+            atol=1e-6,
+        )
         torch.testing.assert_close((probe @ W.T).norm(dim=1), probe.norm(dim=1), rtol=1e-5, atol=1e-6)
     assert torch.equal(cnn.conv.weight, pretrained)  # the CNN itself never changed
     assert losses[-1] < 1e-3 * losses[0], (losses[0], losses[-1])

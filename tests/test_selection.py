@@ -21,8 +21,9 @@ class TinyGPT(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.blocks = nn.ModuleList(
-            nn.ModuleDict({"ln": nn.LayerNorm(dim), "attn": nn.Linear(dim, 3 * dim),
-                           "proj": nn.Linear(dim, dim)})
+            nn.ModuleDict(
+                {"ln": nn.LayerNorm(dim), "attn": nn.Linear(dim, 3 * dim), "proj": nn.Linear(dim, dim)}
+            )
             for _ in range(layers)
         )
         self.ln_f = nn.LayerNorm(dim)
@@ -38,13 +39,13 @@ class TinyGPT(nn.Module):
 
 # the first torch.compile imports dynamo, which touches torch.jit's deprecated script_method
 quiet_compile = pytest.mark.filterwarnings(
-    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+)
 
 
 def index_of(model, wrapped=None):
     """The index of ``wrapped`` (default: ``model``) with an optimizer over ``model``."""
-    return ParamIndex(model if wrapped is None else wrapped,
-                      torch.optim.SGD(model.parameters(), lr=0.1))
+    return ParamIndex(model if wrapped is None else wrapped, torch.optim.SGD(model.parameters(), lr=0.1))
 
 
 def names(matches):
@@ -58,9 +59,15 @@ def test_names_modules_globs_regexes_and_parameters():
     assert names(select("blocks.0.attn.weight", index)) == ["blocks.0.attn.weight"]
     assert names(select("blocks.1.proj", index)) == ["blocks.1.proj.weight"]  # a module: its weight
     assert names(select("blocks.*.attn.*", index)) == [
-        "blocks.0.attn.weight", "blocks.0.attn.bias", "blocks.1.attn.weight", "blocks.1.attn.bias"]
-    assert names(select(re.compile(r"blocks\.\d\.ln\.bias"), index)) == ["blocks.0.ln.bias",
-                                                                          "blocks.1.ln.bias"]
+        "blocks.0.attn.weight",
+        "blocks.0.attn.bias",
+        "blocks.1.attn.weight",
+        "blocks.1.attn.bias",
+    ]
+    assert names(select(re.compile(r"blocks\.\d\.ln\.bias"), index)) == [
+        "blocks.0.ln.bias",
+        "blocks.1.ln.bias",
+    ]
     with pytest.raises(ConstraintError):  # fullmatch, not search
         select(re.compile(r"blocks\.0"), index)
     (m,) = select(model.blocks[0].proj.bias, index)
@@ -76,13 +83,20 @@ def test_matches_are_in_model_order_and_each_parameter_once():
     found = names(select("*", index))
     assert found == canonical  # every parameter once, the tied one under its first name
     assert names(select(re.compile(r".*(proj|attn)\.weight"), index)) == [
-        "blocks.0.attn.weight", "blocks.0.proj.weight", "blocks.1.attn.weight", "blocks.1.proj.weight"]
+        "blocks.0.attn.weight",
+        "blocks.0.proj.weight",
+        "blocks.1.attn.weight",
+        "blocks.1.proj.weight",
+    ]
 
 
 def test_a_target_matching_nothing_names_the_closest_parameters():
     index = index_of(TinyGPT())
-    with pytest.raises(ConstraintError, match=r"'blocks\.0\.atn\.weight' matches no parameter; "
-                                              r"closest: blocks\.0\.attn\.weight"):
+    with pytest.raises(
+        ConstraintError,
+        match=r"'blocks\.0\.atn\.weight' matches no parameter; "
+        r"closest: blocks\.0\.attn\.weight",
+    ):
         select("blocks.0.atn.weight", index)
     with pytest.raises(ConstraintError, match=r"glob 'blocks\.\*\.mlp\.weight'.*closest: .*blocks"):
         select("blocks.*.mlp.weight", index)
@@ -98,8 +112,11 @@ def test_without_a_model_names_are_optimizer_positions():
     a, b, c = (nn.Parameter(torch.zeros(2)) for _ in range(3))
     opt = torch.optim.SGD([{"params": [a, b]}, {"params": [c], "lr": 0.5}], lr=0.1)
     index = ParamIndex(None, opt)
-    assert list(index.names) == ["param_groups[0].params[0]", "param_groups[0].params[1]",
-                                 "param_groups[1].params[0]"]
+    assert list(index.names) == [
+        "param_groups[0].params[0]",
+        "param_groups[0].params[1]",
+        "param_groups[1].params[0]",
+    ]
     assert index.name_of(c) == "param_groups[1].params[0]" and index.owner_of(c) is None
     assert [(m.name, m.owner) for m in select(b, index)] == [("param_groups[0].params[1]", None)]
     assert select("param_groups[1].params[0]", index)[0].param is c
@@ -151,8 +168,14 @@ def test_data_parallel_names_work_with_and_without_the_prefix():
     index = index_of(model, wrapped)
     assert list(index.names) == [n for n, _ in model.named_parameters(remove_duplicate=False)]
     w = model.blocks[1].attn.weight
-    for target in ("blocks.1.attn.weight", "module.blocks.1.attn.weight", "blocks.1.attn",
-                   "module.blocks.1.attn", re.compile(r"module\.blocks\.1\.attn\.weight"), w):
+    for target in (
+        "blocks.1.attn.weight",
+        "module.blocks.1.attn.weight",
+        "blocks.1.attn",
+        "module.blocks.1.attn",
+        re.compile(r"module\.blocks\.1\.attn\.weight"),
+        w,
+    ):
         (m,) = select(target, index)
         assert m.param is w and m.name == "blocks.1.attn.weight", target  # canonical: inner names
     assert names(select("module.blocks.*.proj.weight", index)) == names(select("blocks.*.proj.weight", index))
@@ -194,8 +217,13 @@ def test_a_module_class_selects_the_weight_of_every_such_module():
     index = index_of(model)
     linear = names(select(nn.Linear, index))
     # every Linear's weight, and the tied head once (as the embedding's weight); no LayerNorm
-    assert linear == ["embed.weight", "blocks.0.attn.weight", "blocks.0.proj.weight",
-                      "blocks.1.attn.weight", "blocks.1.proj.weight"]
+    assert linear == [
+        "embed.weight",
+        "blocks.0.attn.weight",
+        "blocks.0.proj.weight",
+        "blocks.1.attn.weight",
+        "blocks.1.proj.weight",
+    ]
     assert names(select(nn.LayerNorm, index)) == ["blocks.0.ln.weight", "blocks.1.ln.weight", "ln_f.weight"]
     assert all(isinstance(m.owner, nn.LayerNorm) for m in select(nn.LayerNorm, index))
     assert names(select(nn.Module, index)) == [n for n, _ in model.named_parameters() if n.endswith("weight")]
@@ -213,9 +241,12 @@ def test_a_module_class_selects_subclasses_too():
 
 def test_a_module_class_the_model_lacks_names_the_classes_it_has():
     model = TinyGPT()
-    with pytest.raises(ConstraintError, match=r"Conv2d is not among the model's modules; the model "
-                                              r"has: TinyGPT, Embedding, ModuleList, ModuleDict, "
-                                              r"LayerNorm, Linear"):
+    with pytest.raises(
+        ConstraintError,
+        match=r"Conv2d is not among the model's modules; the model "
+        r"has: TinyGPT, Embedding, ModuleList, ModuleDict, "
+        r"LayerNorm, Linear",
+    ):
         select(nn.Conv2d, index_of(model))
     with pytest.raises(ConstraintError, match="ReLU has no weight parameter"):
         select(nn.ReLU, index_of(nn.Sequential(nn.Linear(2, 2), nn.ReLU())))
@@ -233,16 +264,19 @@ def test_module_class_through_a_wrapper():
 # -- owners --------------------------------------------------------------------------------------------
 @quiet_compile
 def test_owners_are_the_modules_holding_each_parameter():
-    model = nn.Sequential(nn.Linear(4, 6), nn.Conv2d(6, 4, 3), nn.ConvTranspose2d(4, 2, 3),
-                          nn.BatchNorm2d(2))
+    model = nn.Sequential(nn.Linear(4, 6), nn.Conv2d(6, 4, 3), nn.ConvTranspose2d(4, 2, 3), nn.BatchNorm2d(2))
     index = index_of(model, torch.compile(model))
     for m in select("*", index):
         module = model[int(m.name.split(".")[0])]
         assert m.owner is module and index.owner_of(m.param) is module, m.name
         assert getattr(module, m.name.split(".")[1]) is m.param
     kinds = {m.name: type(m.owner) for m in select("*.weight", index)}
-    assert kinds == {"0.weight": nn.Linear, "1.weight": nn.Conv2d, "2.weight": nn.ConvTranspose2d,
-                     "3.weight": nn.BatchNorm2d}
+    assert kinds == {
+        "0.weight": nn.Linear,
+        "1.weight": nn.Conv2d,
+        "2.weight": nn.ConvTranspose2d,
+        "3.weight": nn.BatchNorm2d,
+    }
     with pytest.raises(KeyError):
         index.owner_of(nn.Parameter(torch.zeros(1)))
 

@@ -25,20 +25,30 @@ def brute_force_nm(x: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
     out = torch.zeros_like(moved)
     flat_in, flat_out = moved.view(-1, m), out.view(-1, m)
     for g in range(flat_in.shape[0]):
-        best = min(itertools.combinations(range(m), n),
-                   key=lambda keep: float(sum(flat_in[g, j] ** 2 for j in range(m) if j not in keep)))
+        best = min(
+            itertools.combinations(range(m), n),
+            key=lambda keep: float(sum(flat_in[g, j] ** 2 for j in range(m) if j not in keep)),
+        )
         flat_out[g, list(best)] = flat_in[g, list(best)]
     return out.movedim(-1, dim)
 
 
-@pytest.mark.parametrize("n, m, dim, shape", [
-    (2, 4, -1, (3, 8)), (1, 4, -1, (2, 3, 4)), (3, 4, 0, (8, 3)), (2, 6, 1, (2, 12, 2)), (1, 2, 0, (4, 5)),
-])
+@pytest.mark.parametrize(
+    "n, m, dim, shape",
+    [
+        (2, 4, -1, (3, 8)),
+        (1, 4, -1, (2, 3, 4)),
+        (3, 4, 0, (8, 3)),
+        (2, 6, 1, (2, 12, 2)),
+        (1, 2, 0, (4, 5)),
+    ],
+)
 @pytest.mark.parametrize("fixed", [True, False])
 def test_selection_is_the_brute_force_nearest_pattern(n, m, dim, shape, fixed):
     x = torch.randn(shape, dtype=torch.float64)
-    torch.testing.assert_close(projected(co.NMSparsity(n, m, dim=dim, fixed=fixed), x),
-                               brute_force_nm(x, n, m, dim), rtol=0, atol=0)
+    torch.testing.assert_close(
+        projected(co.NMSparsity(n, m, dim=dim, fixed=fixed), x), brute_force_nm(x, n, m, dim), rtol=0, atol=0
+    )
 
 
 def test_ties_keep_the_lower_index():
@@ -96,7 +106,9 @@ def test_fixed_pattern_is_saved_with_the_optimizer_and_restored():
     y = torch.randn(4, 8)
     with torch.no_grad():
         bound_b.project_(y)
-    assert torch.equal(y != 0, keep.bool() & (y != 0)) and torch.equal((y == 0) | keep.bool(), torch.ones_like(keep, dtype=torch.bool))
+    assert torch.equal(y != 0, keep.bool() & (y != 0)) and torch.equal(
+        (y == 0) | keep.bool(), torch.ones_like(keep, dtype=torch.bool)
+    )
 
 
 def test_bad_arguments_and_shapes_raise_naming_the_parameter():

@@ -51,7 +51,9 @@ def points(total: int, edge: int = 32, inside: int = 32) -> list[int]:
     between: trying every one of several hundred calls would cost O(n^2)."""
     middle = range(edge + 1, max(edge + 1, total - edge))
     stride = max(1, len(middle) // inside)
-    return sorted({*range(1, min(edge, total) + 1), *middle[::stride], *range(max(1, total - edge), total + 1)})
+    return sorted(
+        {*range(1, min(edge, total) + 1), *middle[::stride], *range(max(1, total - edge), total + 1)}
+    )
 
 
 def snapshot(opt, model):
@@ -59,10 +61,13 @@ def snapshot(opt, model):
     engine = opt.engine
     return {
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-        "state": {id(p): {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
-                          for k, v in s.items()} for p, s in opt.optimizer.state.items()},
-        "bounds": {id(p): (b, {k: v.clone() for k, v in b.state_tensors().items()})
-                   for p, b in engine.bounds.items()},
+        "state": {
+            id(p): {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in s.items()}
+            for p, s in opt.optimizer.state.items()
+        },
+        "bounds": {
+            id(p): (b, {k: v.clone() for k, v in b.state_tensors().items()}) for p, b in engine.bounds.items()
+        },
         "audit": copy.deepcopy(engine.audit.state_dict()),
         "steps": engine.steps_taken,
     }
@@ -178,8 +183,9 @@ def test_constrain_that_fails_installs_nothing_and_changes_nothing():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     state = copy.deepcopy(adam.state_dict())
     with pytest.raises(co.ConstraintError):
-        co.constrain(adam, model, {"weight": co.Mask(torch.zeros(3, 4, dtype=torch.bool)),
-                                   "bias": co.Symmetric()})
+        co.constrain(
+            adam, model, {"weight": co.Mask(torch.zeros(3, 4, dtype=torch.bool)), "bias": co.Symmetric()}
+        )
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
     assert repr(adam.state_dict()) == repr(state)

@@ -20,16 +20,28 @@ import constrained_optim as co  # noqa: E402
 from constrained_optim.transformers import AuditCallback, constrain_trainer  # noqa: E402
 
 TARGET = re.compile(r"transformer\.h\.\d+\.(attn|mlp)\.c_\w+\.weight")
-TARGETED = [f"transformer.h.{i}.{m}.weight" for i in range(2)
-            for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+TARGETED = [
+    f"transformer.h.{i}.{m}.weight"
+    for i in range(2)
+    for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+]
 STEPS, SAVE_AT, BATCH = 6, 3, 4
 
 
 def gpt2() -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=32,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # no RNG in the forward
-                        bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        vocab_size=64,
+        n_positions=32,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,  # no RNG in the forward
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -48,9 +60,19 @@ class Tokens(torch.utils.data.Dataset):
 
 def arguments(out) -> TrainingArguments:
     return TrainingArguments(
-        output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=BATCH,
-        save_strategy="steps", save_steps=SAVE_AT, logging_steps=1, report_to=[], use_cpu=True,
-        seed=0, data_seed=0, learning_rate=1e-2, weight_decay=0.1, disable_tqdm=True,
+        output_dir=str(out),
+        max_steps=STEPS,
+        per_device_train_batch_size=BATCH,
+        save_strategy="steps",
+        save_steps=SAVE_AT,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        disable_tqdm=True,
         dataloader_num_workers=0,
     )
 
@@ -80,11 +102,17 @@ class Constrain(TrainerCallback):
 def recipe_wrapped(out):
     """Recipe (a): a ConstrainedOptimizer passed as the Trainer's optimizer."""
     model = gpt2()
-    opt = co.ConstrainedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1),
-                                  model, {TARGET: co.NMSparsity(2, 4)})
+    opt = co.ConstrainedOptimizer(
+        torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1), model, {TARGET: co.NMSparsity(2, 4)}
+    )
     recorder = Recorder()
-    trainer = Trainer(model=model, args=arguments(out), train_dataset=Tokens(),
-                      optimizers=(opt, None), callbacks=[AuditCallback(), recorder])
+    trainer = Trainer(
+        model=model,
+        args=arguments(out),
+        train_dataset=Tokens(),
+        optimizers=(opt, None),
+        callbacks=[AuditCallback(), recorder],
+    )
     return trainer, model, recorder, lambda: opt
 
 
@@ -94,8 +122,9 @@ def recipe_hooked(out):
     recorder = Recorder()
     audit = AuditCallback()
     constrain = Constrain(audit)
-    trainer = Trainer(model=model, args=arguments(out), train_dataset=Tokens(),
-                      callbacks=[constrain, recorder])
+    trainer = Trainer(
+        model=model, args=arguments(out), train_dataset=Tokens(), callbacks=[constrain, recorder]
+    )
     audit.add_to(trainer)  # ahead of the reporting callbacks
     return trainer, model, recorder, lambda: constrain.handle
 
@@ -137,12 +166,15 @@ def assert_audit_in_log_history(trainer, recorder, first_step=1):
     seen = [e for e in recorder.logs if "loss" in e]  # what a report_to integration receives
     assert [e.get("step") for e in seen] == [None] * len(seen)
     assert len(seen) == STEPS - first_step + 1
-    for entry, logged in zip(seen, train_logs[first_step - 1:]):
+    for entry, logged in zip(seen, train_logs[first_step - 1 :]):
         assert {k: v for k, v in logged.items() if k != "step"} == entry
 
 
-@pytest.mark.parametrize("recipe", [recipe_wrapped, recipe_hooked, recipe_trainer_built],
-                         ids=["wrapped", "constrain", "constrain_trainer"])
+@pytest.mark.parametrize(
+    "recipe",
+    [recipe_wrapped, recipe_hooked, recipe_trainer_built],
+    ids=["wrapped", "constrain", "constrain_trainer"],
+)
 def test_trainer_keeps_2_4_sparsity_logs_the_audit_and_resumes_exactly(tmp_path, recipe):
     trainer, model, recorder, engine = recipe(tmp_path / "full")
     trainer.train()
@@ -176,16 +208,23 @@ class State:
 def test_audit_callback_reports_each_audited_step_once_and_into_log_history():
     torch.manual_seed(0)
     lin = torch.nn.Linear(4, 4)
-    opt = co.ConstrainedOptimizer(torch.optim.SGD(lin.parameters(), lr=0.1), lin,
-                                  {"weight": co.MaxNorm(0.5), "bias": co.NonNegative()})
+    opt = co.ConstrainedOptimizer(
+        torch.optim.SGD(lin.parameters(), lr=0.1), lin, {"weight": co.MaxNorm(0.5), "bias": co.NonNegative()}
+    )
     lin(torch.randn(8, 4)).square().sum().backward()
     opt.step()
     callback = AuditCallback(opt, metrics=("drift", "residual"))
     logs = {"loss": 1.0}
     state = State(1, [{**logs, "step": 1}])
     callback.on_log(None, state, None, logs=logs)
-    expected = {"constraints/weight/drift", "constraints/weight/residual", "constraints/bias/drift",
-                "constraints/bias/residual", "constraints/drift_max", "constraints/residual_max"}
+    expected = {
+        "constraints/weight/drift",
+        "constraints/weight/residual",
+        "constraints/bias/drift",
+        "constraints/bias/residual",
+        "constraints/drift_max",
+        "constraints/residual_max",
+    }
     assert set(logs) == {"loss"} | expected and set(state.log_history[-1]) == {"loss", "step"} | expected
     assert all(math.isfinite(v) for v in logs.values())
     evaluation = {"eval_loss": 2.0}  # an evaluation log at the same step: nothing new to report

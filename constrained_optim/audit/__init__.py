@@ -135,8 +135,9 @@ class Audit:
     def history(self) -> list[AuditRecord]:
         return list(self._records)
 
-    def add(self, step: int, names: Sequence[str], constraints: Sequence[str],
-            rows: Iterable[Sequence[float]]) -> list[AuditRecord]:
+    def add(
+        self, step: int, names: Sequence[str], constraints: Sequence[str], rows: Iterable[Sequence[float]]
+    ) -> list[AuditRecord]:
         """Records of one audited step; ``rows`` holds ``[drift, drift_max, residual, grad_blocked]``
         per parameter as Python numbers (converted from the device once for the whole step)."""
         self.last = [
@@ -182,8 +183,9 @@ class Audit:
                     rebuilt._summary(r.name, r.constraint).add(r)
                 summaries = [s.to_dict() for s in rebuilt.summaries.values()]
             names = {f.name for f in fields(ParamSummary)}
-            summaries = {s["name"]: ParamSummary(**{k: v for k, v in s.items() if k in names})
-                         for s in summaries}
+            summaries = {
+                s["name"]: ParamSummary(**{k: v for k, v in s.items() if k in names}) for s in summaries
+            }
         except (KeyError, TypeError) as err:
             raise ValueError(f"not an audit state_dict: {err}") from None
         self._check_max_history(max_history)
@@ -251,8 +253,10 @@ class Audit:
         return len(self._records)
 
     def __repr__(self) -> str:
-        return (f"Audit({len(self._records)} records kept of max {self.max_history}, "
-                f"{len(self.summaries)} parameters)")
+        return (
+            f"Audit({len(self._records)} records kept of max {self.max_history}, "
+            f"{len(self.summaries)} parameters)"
+        )
 
 
 def _encode(d: dict) -> dict:
@@ -278,8 +282,9 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[AuditRecord]:
             try:
                 line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError as err:
-                raise ValueError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[err.start]:02x} at "
-                                 f"column {err.start + 1})") from None
+                raise ValueError(
+                    f"{path}:{n}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -305,7 +310,8 @@ def _record(d) -> AuditRecord:
     """An `AuditRecord` from one decoded line; `ValueError` saying what is wrong."""
     if not isinstance(d, dict):
         kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
-            type(d), "a number")
+            type(d), "a number"
+        )
         raise ValueError(f"not an audit record (expected a JSON object, got {kind})")
     missing = [k for k in _FIELDS if k not in d]
     unknown = [k for k in d if k not in _FIELDS]

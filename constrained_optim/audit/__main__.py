@@ -29,14 +29,16 @@ def _one_line(text) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m constrained_optim.audit",
-                                     description="Inspect a saved constraint audit.")
+    parser = argparse.ArgumentParser(
+        prog="python -m constrained_optim.audit", description="Inspect a saved constraint audit."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     report = commands.add_parser("report", help="summary table (and plot) of an audit.jsonl")
     report.add_argument("path", help="a file written by opt.audit.to_jsonl(path)")
     report.add_argument("--plot", metavar="PNG", help="write drift and residual over steps to PNG")
-    report.add_argument("--records", type=_count, default=0, metavar="N",
-                        help="also print the last N records")
+    report.add_argument(
+        "--records", type=_count, default=0, metavar="N", help="also print the last N records"
+    )
     args = parser.parse_args(argv)
 
     from .. import report as render
@@ -55,7 +57,7 @@ def main(argv=None) -> int:
     console = render.Console()
     console.print(render.summary_table(audit.summaries.values(), title=title))
     if args.records:
-        console.print(render.records_table(audit.history[-args.records:], title="last records"))
+        console.print(render.records_table(audit.history[-args.records :], title="last records"))
     if args.plot:
         try:
             audit.plot(args.plot)

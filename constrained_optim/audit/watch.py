@@ -9,8 +9,9 @@ projection it calls a watcher's ``before_*`` and ``after_*``:
   around the gradient projection, ``||x - P(x)||`` and ``max |x - P(x)|`` around the parameter
   projection (from the family's cheap gap where ``traits.cheap_gap``, else from a copy taken
   before it), the residual after it (no pass where ``traits.exact``: the projection put the
-  parameter on the set bitwise, so it is 0, or non-finite with the parameter) and ``||x||``. Every number stays a 0-d tensor until
-  ``finish`` reads the whole step with one device-to-host copy per device.
+  parameter on the set bitwise, so it is 0, or non-finite with the parameter) and ``||x||``.
+  Every number stays a 0-d tensor until ``finish`` reads the whole step with one device-to-host
+  copy per device.
 
 Either way the projections are the same calls with the same arguments, so auditing cannot
 change training.
@@ -78,8 +79,9 @@ class AuditWatch(FiniteWatch):
     def before_grads(self, bounds, grads, params):
         if bounds and bounds[0].traits.cheap_grad_gap:
             # each gradient's norm, then its removed part while it is still in cache
-            both, _ = norms(_pairs(grads, lambda i, g: bounds[i].grad_gap_entries(g, params[i],
-                                                                                  self.scratch.like(g))))
+            both, _ = norms(
+                _pairs(grads, lambda i, g: bounds[i].grad_gap_entries(g, params[i], self.scratch.like(g)))
+            )
             return both[0::2], both[1::2], None
         total, _ = norms(grads)
         return total, None, [g.clone() for g in grads]
@@ -95,8 +97,10 @@ class AuditWatch(FiniteWatch):
     # -- parameters ----------------------------------------------------------------------------------
     def before_params(self, group: Group):
         if group.bounds and group.bounds[0].traits.cheap_gap:
-            return norms((b.gap_entries(p, self.scratch.like(p)) for b, p in zip(group.bounds, group.params)),
-                         with_max=True), None
+            return norms(
+                (b.gap_entries(p, self.scratch.like(p)) for b, p in zip(group.bounds, group.params)),
+                with_max=True,
+            ), None
         return None, [p.clone() for p in group.params]
 
     def after_params(self, group: Group, token) -> None:
@@ -117,8 +121,9 @@ class AuditWatch(FiniteWatch):
             self._residual += torch._foreach_mul(found, 0.0)
             return
         rest = [i for i, e in enumerate(exact) if not e]
-        both, _ = norms(_pairs([params[i] for i in rest],
-                               lambda k, p: bounds[rest[k]].residual(p, self.scratch.like(p))))
+        both, _ = norms(
+            _pairs([params[i] for i in rest], lambda k, p: bounds[rest[k]].residual(p, self.scratch.like(p)))
+        )
         plain, _ = norms([p for p, e in zip(params, exact) if e])
         measured_norms = dict(zip(rest, both[0::2]))
         measured_residuals = dict(zip(rest, both[1::2]))
@@ -165,8 +170,11 @@ def _lands_exactly(bound, param) -> bool:
     the parameter's own precision: a half-precision parameter is projected in float32 and
     rounded, which a held value need not survive). A family that measures its residual otherwise
     (an intersection: the distance to every member, which shows an empty one) is measured."""
-    return (bound.traits.exact and param.dtype not in (torch.float16, torch.bfloat16)
-            and type(bound).residual is Bound.residual)  # an intersection measures each member
+    return (
+        bound.traits.exact
+        and param.dtype not in (torch.float16, torch.bfloat16)
+        and type(bound).residual is Bound.residual
+    )  # an intersection measures each member
 
 
 def _pairs(tensors, second):

@@ -10,7 +10,24 @@ from .sparsity import NMSparsity
 from .symmetry import Invariant, Symmetric, Tied
 
 __all__ = [
-    "Affine", "Bound", "Box", "Constraint", "Fixed", "Intersection", "Invariant", "LowRank", "Mask",
-    "MaxNorm", "NMSparsity", "NonNegative", "NormBall", "Orthogonal", "Projection", "Simplex",
-    "Subspace", "Symmetric", "Tied", "UnitNorm",
+    "Affine",
+    "Bound",
+    "Box",
+    "Constraint",
+    "Fixed",
+    "Intersection",
+    "Invariant",
+    "LowRank",
+    "Mask",
+    "MaxNorm",
+    "NMSparsity",
+    "NonNegative",
+    "NormBall",
+    "Orthogonal",
+    "Projection",
+    "Simplex",
+    "Subspace",
+    "Symmetric",
+    "Tied",
+    "UnitNorm",
 ]

@@ -146,9 +146,7 @@ class Constraint:
         dims follow the layer's layout (`MaxNorm`'s output unit, `NMSparsity`'s input dim) read
         it (`constrained_optim.constraints.layout`)."""
         if not torch.is_floating_point(param):
-            raise ConstraintError(
-                f"{describe(name, param)}: {self!r} needs a floating-point parameter"
-            )
+            raise ConstraintError(f"{describe(name, param)}: {self!r} needs a floating-point parameter")
         if param.dtype in LOW_PRECISION:
             # resolve against a float32 copy (masks chosen by magnitude see the same values)
             proxy = param.detach().to(torch.float32)
@@ -190,8 +188,13 @@ class Constraint:
 
 def _same(a, b) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-                and a.dtype == b.dtype and bool(torch.equal(a.cpu(), b.cpu())))
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and bool(torch.equal(a.cpu(), b.cpu()))
+        )
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
@@ -214,8 +217,11 @@ class Bound(ABC):
         self.shape = tuple(param.shape)
         self.traits = traits
         kind = type(self)
-        for flag, method in (("projects_grad", "project_grad_"), ("cheap_gap", "gap_entries"),
-                             ("cheap_grad_gap", "grad_gap_entries")):
+        for flag, method in (
+            ("projects_grad", "project_grad_"),
+            ("cheap_gap", "gap_entries"),
+            ("cheap_grad_gap", "grad_gap_entries"),
+        ):
             if getattr(traits, flag) and getattr(kind, method) is getattr(Bound, method):
                 raise TypeError(f"{kind.__name__} declares {flag} but does not implement {method}")
 
@@ -351,9 +357,7 @@ def normalize_dims(dims, ndim: int, name: str, param, what: str) -> tuple[int, .
         if isinstance(d, bool) or not isinstance(d, int):
             raise ConstraintError(f"{describe(name, param)}: {what} dims must be ints, got {dims!r}")
         if not -ndim <= d < ndim:
-            raise ConstraintError(
-                f"{describe(name, param)}: {what} dim {d} is out of range for {ndim} dims"
-            )
+            raise ConstraintError(f"{describe(name, param)}: {what} dim {d} is out of range for {ndim} dims")
         out.append(d % ndim)
     if len(set(out)) != len(out):
         raise ConstraintError(f"{describe(name, param)}: {what} dims {tuple(dims)} repeat")

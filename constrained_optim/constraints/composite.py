@@ -86,8 +86,12 @@ class Projection(Constraint):
         with torch.no_grad():
             self._try(lambda: self.project(param.detach().clone()), param, name, "project(x)")
             if self.project_grad is not None:
-                self._try(lambda: self.project_grad(torch.zeros_like(param), param.detach()),
-                          param, name, "project_grad(grad, param)")
+                self._try(
+                    lambda: self.project_grad(torch.zeros_like(param), param.detach()),
+                    param,
+                    name,
+                    "project_grad(grad, param)",
+                )
         return ProjectionBound(self, name, param)
 
     def _try(self, call, param, name, what):
@@ -113,8 +117,9 @@ class ProjectionBound(Bound):
     that raises halfway leaves the tensor as it was)."""
 
     def __init__(self, constraint, name, param):
-        super().__init__(constraint, name, param,
-                         Traits(projects_grad=constraint.project_grad is not None, reduces=None))
+        super().__init__(
+            constraint, name, param, Traits(projects_grad=constraint.project_grad is not None, reduces=None)
+        )
         self.fn = constraint.project
         self.grad_fn = constraint.project_grad
 
@@ -175,14 +180,16 @@ class Intersection(Constraint):
         return IntersectionBound(self, name, param, [c.bind(param, name, owner) for c in self.constraints])
 
     def same_as(self, other: object) -> bool:
-        return (type(other) is type(self) and len(self.constraints) == len(other.constraints)
-                and self.max_iter == other.max_iter and self.tol == other.tol
-                and all(a.same_as(b) for a, b in zip(self.constraints, other.constraints)))
+        return (
+            type(other) is type(self)
+            and len(self.constraints) == len(other.constraints)
+            and self.max_iter == other.max_iter
+            and self.tol == other.tol
+            and all(a.same_as(b) for a, b in zip(self.constraints, other.constraints))
+        )
 
     def __repr__(self):
-        return " & ".join(
-            f"({c!r})" if isinstance(c, Intersection) else repr(c) for c in self.constraints
-        )
+        return " & ".join(f"({c!r})" if isinstance(c, Intersection) else repr(c) for c in self.constraints)
 
 
 def intersect_bounds(old: Bound, new: Bound, param: torch.Tensor, name: str) -> Bound:
@@ -465,7 +472,7 @@ def commute(bounds: list[Bound], like: torch.Tensor) -> bool:
     for z in _probes(like, 2):
         scale = float(z.norm())
         for i, a in enumerate(bounds):
-            for b in bounds[i + 1:]:
+            for b in bounds[i + 1 :]:
                 ab = _applied(a, _applied(b, z))
                 ba = _applied(b, _applied(a, z))
                 if float((ab - ba).norm()) > limit * scale:
@@ -602,10 +609,15 @@ class IntersectionBound(Bound):
         block = self.blocks[0]
         exact = len(self.blocks) == 1 and (
             isinstance(block, Joined)
-            or (isinstance(block, InTurn) and all(x.exact and x.elementwise for x in t)))
-        return Traits(linear=all(x.linear for x in t), convex=all(x.convex for x in t),
-                      projects_grad=any(x.projects_grad for x in t), exact=exact,
-                      reduces=() if all(x.elementwise for x in t) else None)
+            or (isinstance(block, InTurn) and all(x.exact and x.elementwise for x in t))
+        )
+        return Traits(
+            linear=all(x.linear for x in t),
+            convex=all(x.convex for x in t),
+            projects_grad=any(x.projects_grad for x in t),
+            exact=exact,
+            reduces=() if all(x.elementwise for x in t) else None,
+        )
 
     @property
     def one_pass(self) -> bool:
@@ -617,6 +629,7 @@ class IntersectionBound(Bound):
         if len(self.blocks) == 1:
             _on_copy(x, self.blocks[0].writes_once, self.blocks[0].project_)
         else:
+
             def sweep(y):
                 self.sweeps = dykstra_(y, self.blocks, self.max_iter, self.tol)
 
@@ -659,7 +672,7 @@ class IntersectionBound(Bound):
 
     def _member_data(self, tensors, i: int) -> dict:
         prefix = f"{i}."
-        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
     def check_state(self, tensors):
         if not isinstance(tensors, dict):

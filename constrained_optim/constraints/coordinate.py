@@ -76,8 +76,9 @@ class Mask(Constraint):
 
 
 #: what a held-entries set is: exact, element-wise, with gaps read from the held entries alone
-HELD = Traits(linear=True, convex=True, projects_grad=True, exact=True, reduces=(),
-              cheap_gap=True, cheap_grad_gap=True)
+HELD = Traits(
+    linear=True, convex=True, projects_grad=True, exact=True, reduces=(), cheap_gap=True, cheap_grad_gap=True
+)
 
 
 class MaskBound(Bound):
@@ -199,14 +200,18 @@ class Fixed(Constraint):
         return FixedBound(self, name, param, index, values)
 
     def __repr__(self):
-        where = (f"mask of {int(self.where.sum())} held" if isinstance(self.where, torch.Tensor)
-                 else repr(self.where))
+        where = (
+            f"mask of {int(self.where.sum())} held"
+            if isinstance(self.where, torch.Tensor)
+            else repr(self.where)
+        )
         value = "tensor" if isinstance(self.value, torch.Tensor) else repr(self.value)
         return f"Fixed({where.replace('Ellipsis', '...')}, {value})"
 
 
 def index_out_of_range(index: tuple, shape: tuple[int, ...]) -> str:
     """Why an index expression's integer entries do not fit ``shape`` ('' if they do)."""
+
     def width(e):  # how many dims an entry consumes (the Ellipsis: what the others leave)
         if e is None or e is Ellipsis:
             return 0
@@ -425,13 +430,14 @@ class BoxBound(Bound):
         # clamped on one side only
         both = [b.low is not None and b.high is not None for b in small_b]
         work = list(small_x)
-        _clamp_group(work, [b.low for b in small_b], both, torch._foreach_clamp_min_,
-                     torch._foreach_clamp_min)
-        _clamp_group(work, [b.high for b in small_b], [False] * len(work), torch._foreach_clamp_max_,
-                     None)
+        _clamp_group(
+            work, [b.low for b in small_b], both, torch._foreach_clamp_min_, torch._foreach_clamp_min
+        )
+        _clamp_group(work, [b.high for b in small_b], [False] * len(work), torch._foreach_clamp_max_, None)
         if any(both):
-            torch._foreach_copy_([x for x, t in zip(small_x, both) if t],
-                                 [w for w, t in zip(work, both) if t])
+            torch._foreach_copy_(
+                [x for x, t in zip(small_x, both) if t], [w for w, t in zip(work, both) if t]
+            )
 
 
 def _clamp_group(xs: list, values: list, fresh: list, op_, op) -> None:

@@ -54,9 +54,9 @@ NEWTON_MAX_ITER = 8
 def polar_near(w: torch.Tensor) -> torch.Tensor | None:
     """The polar factor of ``w`` by ``X <- X - (X X^T - I) X / 2`` (Newton-Schulz: ``1.5 X - 0.5 X
     X^T X``), which keeps the singular vectors and drives every singular value to 1, until
-    ``|X X^T - I|_max`` is within `on_stiefel`'s limit, then once more; None (use the SVD) when ``w`` is too far
-    from the manifold or the iteration has not converged. The Gram matrix is of the smaller side;
-    each iteration is two matrix products and one host read."""
+    ``|X X^T - I|_max`` is within `on_stiefel`'s limit, then once more; None (use the SVD) when
+    ``w`` is too far from the manifold or the iteration has not converged. The Gram matrix is of
+    the smaller side; each iteration is two matrix products and one host read."""
     if w.numel() == 0 or not w.is_floating_point():
         return None
     rows = w.shape[0] <= w.shape[1]

@@ -161,8 +161,11 @@ class TiedBound(Bound):
         n, p, device = like.numel(), self.group_ids.numel(), like.device
         lead = torch.arange(n // p if p else 0, device=device).unsqueeze(1) * self.n_groups
         group = (lead + self.group_ids.unsqueeze(0)).reshape(-1)
-        weight = (torch.ones(p, dtype=torch.float64, device=device) if self.weights is None
-                  else self.weights.double()).repeat(n // p if p else 0)
+        weight = (
+            torch.ones(p, dtype=torch.float64, device=device)
+            if self.weights is None
+            else self.weights.double()
+        ).repeat(n // p if p else 0)
         return Partition(group, weight, torch.zeros(n, dtype=torch.float64, device=device))
 
     def state_tensors(self):
@@ -262,8 +265,11 @@ class SymmetricBound(Bound):
         n, device = like.numel(), like.device
         own = torch.arange(n, device=device)
         partner = swap_flip(own.view(like.shape), self.dims, self.flip).reshape(-1)
-        return Partition(torch.minimum(own, partner), torch.ones(n, dtype=torch.float64, device=device),
-                         torch.zeros(n, dtype=torch.float64, device=device))
+        return Partition(
+            torch.minimum(own, partner),
+            torch.ones(n, dtype=torch.float64, device=device),
+            torch.zeros(n, dtype=torch.float64, device=device),
+        )
 
 
 # -- Invariant -------------------------------------------------------------------------------------
@@ -287,7 +293,9 @@ class Invariant(Constraint):
 
     linear = True
 
-    def __init__(self, group: Sequence[Callable[[torch.Tensor], torch.Tensor]], name: str | None = None) -> None:
+    def __init__(
+        self, group: Sequence[Callable[[torch.Tensor], torch.Tensor]], name: str | None = None
+    ) -> None:
         self.group = list(group)
         if not self.group or not all(callable(g) for g in self.group):
             raise ConstraintError("Invariant: group must be a non-empty sequence of callables")
@@ -297,8 +305,10 @@ class Invariant(Constraint):
     def rotations(cls, dims: Sequence[int] = (-2, -1)) -> Invariant:
         """The group of 90-degree rotations in the plane of ``dims`` (a kernel's spatial dims)."""
         dims = tuple(dims)
-        return cls([lambda x, k=k: torch.rot90(x, k, dims) for k in range(4)],  # type: ignore[misc]
-                   name=f"rotations(dims={dims})")
+        return cls(
+            [lambda x, k=k: torch.rot90(x, k, dims) for k in range(4)],  # type: ignore[misc]
+            name=f"rotations(dims={dims})",
+        )
 
     def _bind(self, param, name, owner):
         probe = torch.arange(1, param.numel() + 1, dtype=torch.float64, device=param.device)
@@ -333,9 +343,12 @@ class Invariant(Constraint):
 
     def same_as(self, other: object) -> bool:
         # two calls of `rotations()` (or of any function building the maps) make new lambdas
-        return (type(other) is type(self) and self.name == other.name
-                and len(self.group) == len(other.group)
-                and all(same_map(f, g) for f, g in zip(self.group, other.group)))
+        return (
+            type(other) is type(self)
+            and self.name == other.name
+            and len(self.group) == len(other.group)
+            and all(same_map(f, g) for f, g in zip(self.group, other.group))
+        )
 
     def __repr__(self):
         return f"Invariant({self.name or f'{len(self.group)} maps'})"
@@ -352,9 +365,13 @@ def same_map(f, g) -> bool:
         cells = [tuple(c.cell_contents for c in fn.__closure__ or ()) for fn in (f, g)]
     except ValueError:  # a captured variable not assigned yet
         return False
-    return (f.__code__ is g.__code__ and f.__globals__ is g.__globals__
-            and _same(f.__defaults__, g.__defaults__) and _same(f.__kwdefaults__, g.__kwdefaults__)
-            and _same(cells[0], cells[1]))
+    return (
+        f.__code__ is g.__code__
+        and f.__globals__ is g.__globals__
+        and _same(f.__defaults__, g.__defaults__)
+        and _same(f.__kwdefaults__, g.__kwdefaults__)
+        and _same(cells[0], cells[1])
+    )
 
 
 class GroupAverageBound(Bound):
@@ -441,8 +458,7 @@ def check_closed(perms, who: str) -> None:
 def check_group(constraint: Invariant, param, name) -> None:
     """Raise unless every map is linear and norm-preserving and the set is closed, numerically."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    u, v = (torch.randn(param.shape, generator=gen, dtype=torch.float64).to(param.device)
-            for _ in range(2))
+    u, v = (torch.randn(param.shape, generator=gen, dtype=torch.float64).to(param.device) for _ in range(2))
     who = f"{describe(name, param)}: {constraint!r}"
     images = [constraint._apply(g, u, param, name) for g in constraint.group]
     scale = float(u.norm())

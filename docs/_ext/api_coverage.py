@@ -52,7 +52,9 @@ def check_documented(app, env) -> None:
         if entry is None or entry.aliased:
             logger.warning(
                 "public name %s is not documented (add it to an API page, e.g. `.. autoclass::`)",
-                name, type="api_coverage", subtype="undocumented",
+                name,
+                type="api_coverage",
+                subtype="undocumented",
             )
 
 

@@ -24,8 +24,7 @@ class ZeroMean(Constraint):
         # (attach then changes nothing), naming the parameter and what was expected
         if not -param.dim() <= self.dim < param.dim():
             raise co.ConstraintError(
-                f"{name} (shape {tuple(param.shape)}): {self!r} needs dim in "
-                f"[{-param.dim()}, {param.dim()})"
+                f"{name} (shape {tuple(param.shape)}): {self!r} needs dim in [{-param.dim()}, {param.dim()})"
             )
         return ZeroMeanBound(self, name, param, self.dim % param.dim())
 
@@ -53,8 +52,9 @@ class ZeroMeanBound(Bound):
 if __name__ == "__main__":
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 3)
-    opt = co.ConstrainedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model,
-                                  {"weight": ZeroMean(dim=1)})
+    opt = co.ConstrainedOptimizer(
+        torch.optim.AdamW(model.parameters(), lr=1e-2), model, {"weight": ZeroMean(dim=1)}
+    )
     for _ in range(20):
         opt.zero_grad()
         model(torch.randn(16, 6)).square().mean().backward()
