@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import dataclass, fields
-from types import FrameType
 
 import torch
 from torch import nn
@@ -41,6 +39,7 @@ from torch import nn
 from .audit import Audit, AuditRecord, ParamSummary
 from .binding import Binding
 from .constraints.base import Bound
+from .distributed import called_from
 from .errors import ConstraintError
 
 CHECKPOINT_VERSION = 1
@@ -282,19 +281,8 @@ PREFIX = "constraint."
 
 def called_by_dcp() -> bool:
     """Whether ``torch.distributed.checkpoint``'s ``get_state_dict`` asks for this state dict (it
-    keeps the per-parameter entries only): told apart by its caller, as
-    `stepping.is_initialisation_step` does."""
-    frame: FrameType | None = sys._getframe(1)
-    for _ in range(24):
-        if frame is None:
-            return False
-        if (
-            frame.f_code.co_name == "_get_optim_state_dict"
-            and frame.f_globals.get("__name__") == "torch.distributed.checkpoint.state_dict"
-        ):
-            return True
-        frame = frame.f_back
-    return False
+    keeps the per-parameter entries only)."""
+    return called_from("_get_optim_state_dict")
 
 
 def _ordered(optimizer, state_dict) -> list[tuple[object, nn.Parameter]]:

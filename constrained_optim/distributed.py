@@ -13,6 +13,7 @@ attaches the same constraints in the same order.
 from __future__ import annotations
 
 import sys
+from types import FrameType
 
 import torch
 
@@ -21,6 +22,22 @@ def dtensor_type():
     """The DTensor class if ``torch.distributed.tensor`` has been imported, else None (then no
     tensor can be a DTensor, and nothing here imports it)."""
     return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def called_from(
+    function: str, module: str = "torch.distributed.checkpoint.state_dict", depth: int = 24
+) -> bool:
+    """Whether ``module.function`` is among the ``depth`` innermost callers: how torch's
+    distributed checkpointing is told apart when it calls into an optimizer (its lr=0
+    initialisation step, its ``state_dict`` call), since it passes nothing that says so."""
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == function and frame.f_globals.get("__name__") == module:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def is_sharded(t) -> bool:

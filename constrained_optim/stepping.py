@@ -9,13 +9,11 @@ and after; nothing else projects during a step.
 from __future__ import annotations
 
 import contextlib
-import sys
-from types import FrameType
 
 import torch
 
 from .binding import Binding
-from .distributed import full, write_back_
+from .distributed import called_from, full, write_back_
 
 
 @torch.no_grad()
@@ -92,14 +90,4 @@ def is_initialisation_step(optimizer: torch.optim.Optimizer) -> bool:
     the rare case it could be (no state yet, every lr 0)."""
     if optimizer.state or not all("lr" in g and float(g["lr"]) == 0.0 for g in optimizer.param_groups):
         return False
-    frame: FrameType | None = sys._getframe(1)
-    for _ in range(16):
-        if frame is None:
-            return False
-        if (
-            frame.f_code.co_name == "_init_optim_state"
-            and frame.f_globals.get("__name__") == "torch.distributed.checkpoint.state_dict"
-        ):
-            return True
-        frame = frame.f_back
-    return False
+    return called_from("_init_optim_state")
