@@ -296,3 +296,25 @@ def test_a_broken_log_handler_never_breaks_training():
         logger.setLevel(level)
         logging.raiseExceptions = raise_exceptions
     assert opt.steps_taken == 2
+
+
+# -- memory ---------------------------------------------------------------------------------------------
+def test_a_bool_mask_is_held_without_a_copy():
+    """One copy of each mask: the user's bool tensor, read as uint8 (issue: memory to the floor)."""
+    model = linear_model()
+    free = torch.rand(6, 6) > 0.5
+    opt = co.ConstrainedOptimizer(torch.optim.Adam(model.parameters()), model, {"0.weight": co.Mask(free)})
+    keep = opt.engine.bounds[model[0].weight].keep
+    assert keep.dtype == torch.uint8 and keep.data_ptr() == free.data_ptr()
+    one_step(model, opt)
+    assert bool((model[0].weight[~free] == 0).all())
+    # a mask that is not contiguous is copied once, and holds the same
+    model2 = linear_model()
+    transposed = free.T  # a view with other strides
+    opt2 = co.ConstrainedOptimizer(
+        torch.optim.Adam(model2.parameters()), model2, {"0.weight": co.Mask(transposed)}
+    )
+    keep2 = opt2.engine.bounds[model2[0].weight].keep
+    assert keep2.data_ptr() != free.data_ptr() and torch.equal(keep2.bool(), transposed)
+    one_step(model2, opt2)
+    assert bool((model2[0].weight[~transposed] == 0).all())

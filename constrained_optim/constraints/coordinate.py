@@ -42,7 +42,9 @@ class Mask(Constraint):
 
     ``mask`` is a bool (or 0/1) tensor broadcastable to the parameter; True marks a free entry,
     as in ``torch.nn.utils.prune``. Gradients, momentum and ``exp_avg`` are zeroed on held
-    entries and so are second moments, so an element-wise optimizer never moves them.
+    entries and so are second moments, so an element-wise optimizer never moves them. A bool
+    mask on the parameter's device is held without a copy (its bytes read as uint8): leave it
+    unchanged while it is attached.
 
     >>> import torch, constrained_optim as co
     >>> w = torch.nn.Parameter(torch.ones(2, 3))
@@ -67,8 +69,14 @@ class Mask(Constraint):
 
     def _bind(self, param, name, owner):
         check_broadcast(self.mask.shape, param, name, self, "mask")
-        # uint8 multiplies about as fast as float on a CPU at a quarter of the memory
-        return MaskBound(self, name, param, self.mask.to(device=param.device, dtype=torch.uint8))
+        # uint8 multiplies about as fast as float on a CPU at a quarter of the memory; a bool mask
+        # already on the parameter's device is the same bytes viewed as uint8, not a second copy
+        mask = self.mask
+        if mask.device == param.device and mask.is_contiguous():
+            keep = mask.view(torch.uint8)
+        else:
+            keep = mask.to(device=param.device, dtype=torch.uint8)
+        return MaskBound(self, name, param, keep)
 
     def __repr__(self):
         free = int(self.mask.sum())
