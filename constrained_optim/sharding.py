@@ -704,10 +704,7 @@ class ShardPlan:
         dist = _dist()
         lay = e.layout
         group = lay.mesh.get_group(0)
-        regions = lay.regions()
-        ((dim, _),) = lay.sharded
-        n = [math.prod(lay.shape[:dim]) * size * math.prod(lay.shape[dim + 1 :]) for _, size in regions]
-        pad = max(n)
+        regions, dim, n, pad = _pieces(lay)
         part = local(t)
         buf = part.new_zeros(pad)
         buf[: part.numel()].copy_(part.reshape(-1))
@@ -733,10 +730,7 @@ class ShardPlan:
         dist = _dist()
         lay = e.layout
         group = lay.mesh.get_group(0)
-        regions = lay.regions()
-        ((dim, _),) = lay.sharded
-        n = [math.prod(lay.shape[:dim]) * size * math.prod(lay.shape[dim + 1 :]) for _, size in regions]
-        pad = max(n)
+        regions, dim, n, pad = _pieces(lay)
         buf = dst.new_empty(pad)
         if lay.mesh.get_local_rank() == e.owner:
             parts = []
@@ -856,3 +850,12 @@ class ShardPlan:
             for value in optimizer.state.get(e.param, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == e.param.shape:
                     e.bound.repair_(local(value))
+
+
+def _pieces(lay) -> tuple[list, int, list[int], int]:
+    """How a parameter sharded along one dim travels to and from its owner: each rank's region,
+    the sharded dim, each region's number of entries, and the padded size every rank sends."""
+    regions = lay.regions()
+    ((dim, _),) = lay.sharded
+    n = [math.prod(lay.shape[:dim]) * size * math.prod(lay.shape[dim + 1 :]) for _, size in regions]
+    return regions, dim, n, max(n)
