@@ -43,6 +43,7 @@ would be paid every step).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 from contextlib import contextmanager
@@ -379,7 +380,9 @@ class NormShardBound(Bound):
     parameters of a mesh, `project_all_`), and each rank scales its shard."""
 
     def __init__(self, whole: Bound, lay: Layout):
-        super().__init__(whole.constraint, whole.name, _meta(lay.shape), whole.traits)
+        # the gap is measured from the units' global norms (`gap`), never from a shard's alone
+        traits = dataclasses.replace(whole.traits, cheap_gap=False)
+        super().__init__(whole.constraint, whole.name, _meta(lay.shape), traits)
         self.whole = whole
         self.family = type(whole)
         core = whole.inner if isinstance(whole, LowPrecisionBound) else whole

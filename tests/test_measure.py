@@ -194,3 +194,88 @@ def test_half_precision_parameters_do_not_read_as_nonfinite():
     (r,) = opt.audit.last
     assert r.drift == 0.0 and r.grad_blocked == pytest.approx(math.sqrt(0.5), rel=1e-4)
     assert opt.audit.summaries[r.name].nonfinite == 0
+
+
+# -- measures taken without forming the gap: an L2 ball's, an intersection's ---------------------------
+@pytest.mark.parametrize(
+    "make, dims",
+    [
+        (lambda: co.MaxNorm(1.5), (1,)),  # per output row of a (300, 300) weight
+        (lambda: co.NormBall(40.0), None),  # the whole tensor
+        (lambda: co.MaxNorm(1e6), (1,)),  # every row inside: nothing off
+    ],
+    ids=["rows", "whole", "inside"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_l2_ball_drift_and_residual_from_unit_norms_match_numpy(make, dims, dtype):
+    gen = torch.Generator().manual_seed(3)
+    scales = torch.rand(BIG[0], 1, generator=gen, dtype=dtype) * 0.2  # some rows in, some out
+    xs = [torch.randn(BIG, generator=gen, dtype=dtype) * scales for _ in range(2)]
+    originals = [x.clone() for x in xs]
+    bounds = [bind(make(), x) for x in xs]
+    assert bounds[0].traits.cheap_gap
+    drift, drift_max = project_measured_(type(bounds[0]), bounds, xs, Scratch())
+    radius = bounds[0].radius
+    for x, x0, d, m in zip(xs, originals, drift, drift_max):
+        a = np64(x0)
+        norm = np.linalg.norm(a, axis=1, keepdims=True) if dims else np.linalg.norm(a)
+        expected = a - a * np.minimum(1.0, radius / norm)  # the gap, formed in float64
+        assert float(d) == pytest.approx(np.linalg.norm(expected), rel=1e-5, abs=1e-12)
+        assert float(m) == pytest.approx(np.abs(expected).max(), rel=1e-5, abs=1e-12)
+    residual, _ = residuals(bounds, xs)
+    for x, r in zip(xs, residual):
+        a = np64(x)
+        norm = np.linalg.norm(a, axis=1) if dims else np.linalg.norm(a)
+        assert float(r) == pytest.approx(np.linalg.norm(np.maximum(norm - radius, 0.0)), abs=1e-5 * radius)
+        assert float(r) <= 4 * torch.finfo(dtype).eps * radius * math.sqrt(BIG[0])
+
+
+def brute_distance_to_members(bound, x):
+    """``sqrt(sum_i ||x - P_i(x)||^2)`` with every member projecting a float64 copy."""
+    total = 0.0
+    for member in bound.members:
+        y = x.detach().double().clone()
+        member_64 = member.constraint.bind(y, "w")
+        member_64.project_(y)
+        total += float(((x.double() - y) ** 2).sum())
+    return math.sqrt(total)
+
+
+def test_intersection_residual_and_removed_gradient_against_its_members():
+    gen = torch.Generator().manual_seed(4)
+    w = nn.Parameter(torch.randn(64, 32, 3, 3, generator=gen))
+    both = co.MaxNorm(2.0) & co.Fixed((..., 1, 1), 0.0)
+    bound = bind(both, w)
+    # the tangent projection is the Fixed's alone, so its cheap measure serves the audit
+    assert bound.traits.cheap_grad_gap and not bound.traits.exact
+    g = torch.randn(w.shape, generator=gen)
+    g0 = g.clone()
+    removed, total = project_grads_measured_(type(bound), [bound], [g], [w.detach()], Scratch())
+    assert float(removed[0]) == pytest.approx(np.linalg.norm(np64(g0)[..., 1, 1]), rel=1e-6)
+    assert float(total[0]) == pytest.approx(np.linalg.norm(np64(g0)), rel=1e-6)
+    assert torch.equal(g[..., 1, 1], torch.zeros(64, 32)) and torch.equal(g[..., 0, :], g0[..., 0, :])
+    # off the set: the residual is the distance to each member, as brute force measures it
+    x = torch.randn(w.shape, generator=gen)
+    assert float(torch.linalg.vector_norm(bound.residual(x))) == pytest.approx(
+        brute_distance_to_members(bound, x), rel=1e-5
+    )
+    # one pass lands on both sets: the centre exactly 0, every filter's norm <= 2 to rounding
+    y = x.clone()
+    bound.project_(y)
+    rows = np.linalg.norm(np64(y).reshape(64, -1), axis=1)
+    assert torch.equal(y[..., 1, 1], torch.zeros(64, 32)) and rows.max() <= 2.0 * (1 + 1e-6)
+    a = np64(x).copy()
+    a[..., 1, 1] = 0.0
+    norm = np.linalg.norm(a.reshape(64, -1), axis=1)[:, None, None, None]
+    assert np.allclose(np64(y), a * np.minimum(1.0, 2.0 / norm), rtol=1e-6, atol=1e-7)
+    assert float(torch.linalg.vector_norm(bound.residual(y))) <= 1e-5
+
+
+def test_symmetric_projects_a_parameter_whose_transpose_is_its_own_memory():
+    base = torch.randn(5, 5)
+    w = nn.Parameter(base.T)  # non-contiguous: w.T is contiguous and shares w's memory
+    expected = (np64(base.T) + np64(base)) / 2
+    with torch.no_grad():
+        bind(co.Symmetric(), w).project_(w)
+    assert torch.equal(w, w.T)
+    assert np.allclose(np64(w), expected, rtol=1e-6, atol=1e-7)

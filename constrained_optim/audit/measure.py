@@ -15,6 +15,8 @@ from collections.abc import Iterable
 
 import torch
 
+from ..constraints.base import GapSize
+
 # tensors are reduced by one foreach kernel per batch of about this many bytes, except that on a
 # CPU a tensor of at least STREAM_NUMEL entries is reduced on its own, while it is in cache
 BATCH_BYTES = 256 * 2**20
@@ -73,8 +75,9 @@ def _abs_max(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t, math.inf)
 
 
-def norms(tensors: Iterable[torch.Tensor], with_max: bool = False):
-    """``(||t|| for each t, max|t| for each t)`` as 0-d tensors on each tensor's device, no sync.
+def norms(tensors: Iterable[torch.Tensor | GapSize], with_max: bool = False):
+    """``(||t|| for each t, max|t| for each t)`` as 0-d tensors on each tensor's device, no sync
+    (a `GapSize` among ``tensors`` is taken as it is).
 
     ``tensors`` may be a generator of temporaries: they are reduced and released as they come,
     so the memory alive at once stays small. A large tensor on a CPU is reduced on its own, while
@@ -98,6 +101,12 @@ def norms(tensors: Iterable[torch.Tensor], with_max: bool = False):
         batch, size = [], 0
 
     for t in tensors:
+        if isinstance(t, GapSize):  # measured by its family without forming the gap
+            flush()
+            ns.append(t.norm)
+            if with_max:
+                ms.append(t.max)
+            continue
         if t.numel() == 0:
             flush()
             ns.append(t.new_zeros((), dtype=torch.float32))

@@ -77,38 +77,48 @@ class AuditWatch(FiniteWatch):
 
     # -- gradients ---------------------------------------------------------------------------------
     def before_grads(self, bounds, grads, params):
-        if bounds and bounds[0].traits.cheap_grad_gap:
-            # each gradient's norm, then its removed part while it is still in cache
-            both, _ = norms(
-                _pairs(grads, lambda i, g: bounds[i].grad_gap_entries(g, params[i], self.scratch.like(g)))
+        # each gradient's norm, then (a cheap measure) its removed part while it is still in
+        # cache; without one, a copy to subtract from after the projection
+        cheap, rest = _split(bounds, "cheap_grad_gap")
+        both, _ = norms(
+            _pairs(
+                [grads[i] for i in cheap],
+                lambda k, g: bounds[cheap[k]].grad_gap_entries(g, params[cheap[k]], self.scratch.like(g)),
             )
-            return both[0::2], both[1::2], None
-        total, _ = norms(grads)
-        return total, None, [g.clone() for g in grads]
+        )
+        total, _ = norms([grads[i] for i in rest])
+        return cheap, both, rest, total, [grads[i].clone() for i in rest]
 
     def after_grads(self, bounds, grads, token) -> None:
-        total, removed, before = token
-        if before is not None:
-            torch._foreach_sub_(before, grads)
+        cheap, both, rest, total, before = token
+        for k, i in enumerate(cheap):
+            self._blocked[id(bounds[i])] = (both[2 * k + 1], both[2 * k])
+        if rest:
+            torch._foreach_sub_(before, [grads[i] for i in rest])
             removed, _ = norms(_drain(before))
-        for b, r, t in zip(bounds, removed, total):
-            self._blocked[id(b)] = (r, t)
+            for i, r, t in zip(rest, removed, total):
+                self._blocked[id(bounds[i])] = (r, t)
 
     # -- parameters ----------------------------------------------------------------------------------
     def before_params(self, group: Group):
-        if group.bounds and group.bounds[0].traits.cheap_gap:
-            return norms(
-                (b.gap_entries(p, self.scratch.like(p)) for b, p in zip(group.bounds, group.params)),
-                with_max=True,
-            ), None
-        return None, [p.clone() for p in group.params]
+        bounds, params = group.bounds, group.params
+        cheap, rest = _split(bounds, "cheap_gap")
+        measured = norms(
+            (bounds[i].gap_entries(params[i], self.scratch.like(params[i])) for i in cheap), with_max=True
+        )
+        return cheap, measured, rest, [params[i].clone() for i in rest]
 
     def after_params(self, group: Group, token) -> None:
-        measured, before = token
-        if before is not None:
-            torch._foreach_sub_(before, group.params)
-            measured = norms(_drain(before), with_max=True)
-        drift, drift_max = measured
+        cheap, (cheap_norm, cheap_max), rest, before = token
+        drift: list = [None] * len(group.params)
+        drift_max: list = [None] * len(group.params)
+        for k, i in enumerate(cheap):
+            drift[i], drift_max[i] = cheap_norm[k], cheap_max[k]
+        if rest:
+            torch._foreach_sub_(before, [group.params[i] for i in rest])
+            rest_norm, rest_max = norms(_drain(before), with_max=True)
+            for k, i in enumerate(rest):
+                drift[i], drift_max[i] = rest_norm[k], rest_max[k]
         self._drift += drift
         self._drift_max += drift_max
         bounds, params = group.bounds, group.params
@@ -175,6 +185,12 @@ def _lands_exactly(bound, param) -> bool:
         and param.dtype not in (torch.float16, torch.bfloat16)
         and type(bound).residual is Bound.residual
     )  # an intersection measures each member
+
+
+def _split(bounds, trait: str) -> tuple[list[int], list[int]]:
+    """Positions of the bounds with ``trait`` set, and of the rest."""
+    has = [getattr(b.traits, trait) for b in bounds]
+    return [i for i, h in enumerate(has) if h], [i for i, h in enumerate(has) if not h]
 
 
 def _pairs(tensors, second):

@@ -29,7 +29,9 @@ A `Bound` works in place on tensors shaped like its parameter, always under ``to
 - ``project_point_(x)``: optimizer state that is itself a point (ASGD's average ``ax``);
 - ``repair_(t)``: zero the entries the set holds at zero in any tensor shaped like the parameter,
   whatever they hold (NaN and inf too: a multiply by a 0/1 mask leaves ``inf * 0 = NaN``);
-- ``gap(x)``: ``x - P(x)`` as a new tensor; ``gap_entries`` a cheaper form (``traits.cheap_gap``);
+- ``gap(x)``: ``x - P(x)`` as a new tensor; ``gap_entries`` a cheaper form (``traits.cheap_gap``):
+  the entries that can be non-zero, or the gap's norm and largest magnitude as a `GapSize` where
+  the family knows them without forming the gap (an L2 ball's from its units' norms);
 - ``residual(x)``: what is left off the set at a projected ``x`` (a tensor whose norm is the
   distance): ``gap(x)`` unless the family measures it otherwise (an intersection reports its
   distance to every member set, so an empty intersection shows);
@@ -52,7 +54,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -100,6 +102,19 @@ class Traits:
     def elementwise(self) -> bool:
         """Whether each entry is projected on its own (a product of per-entry sets)."""
         return self.reduces == ()
+
+
+class GapSize(NamedTuple):
+    """``(||x - P(x)||, max |x - P(x)|)`` as 0-d tensors, measured without forming the gap."""
+
+    norm: torch.Tensor
+    max: torch.Tensor
+
+
+def distance(residual: torch.Tensor) -> torch.Tensor:
+    """The distance a `Bound.residual` tensor stands for (its norm), as a 0-d float tensor."""
+    low = residual.dtype in (torch.float16, torch.bfloat16)
+    return torch.linalg.vector_norm(residual, dtype=torch.float32 if low else None)
 
 
 @dataclass(frozen=True)
@@ -240,16 +255,20 @@ class Bound(ABC):
         self.project_(y)
         return x - y
 
-    def gap_entries(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The entries of ``gap(x)`` that can be non-zero, in any shape (only where
-        ``traits.cheap_gap``); the audit reads their norm and largest magnitude. ``out`` (shaped
-        like ``x``) may hold the result, so a reused buffer saves an allocation."""
+    def gap_entries(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | GapSize:
+        """The entries of ``gap(x)`` that can be non-zero, in any shape, or directly their
+        `GapSize` (only where ``traits.cheap_gap``); the audit reads their norm and largest
+        magnitude. ``out`` (shaped like ``x``) may hold the result, so a reused buffer saves an
+        allocation."""
         raise NotImplementedError
 
     def residual(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """What is left off the set at a projected ``x``: its norm is the residual the audit
-        reports (``gap`` in its cheapest form, unless the family measures it otherwise)."""
-        return self.gap_entries(x, out) if self.traits.cheap_gap else self.gap(x)
+        """What is left off the set at a projected ``x``: a tensor whose norm is the residual the
+        audit reports (``gap`` in its cheapest form, unless the family measures it otherwise)."""
+        if self.traits.cheap_gap:
+            entries = self.gap_entries(x, out)
+            return entries.norm.reshape(1) if isinstance(entries, GapSize) else entries
+        return self.gap(x)
 
     # -- gradients and optimizer state -----------------------------------------------------------
     def project_grad_(self, g: torch.Tensor, x: torch.Tensor) -> None:

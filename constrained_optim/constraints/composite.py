@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from ..errors import ConstraintError, describe
-from .base import Bound, Constraint, LowPrecisionBound, Partition, Traits
+from .base import Bound, Constraint, LowPrecisionBound, Partition, Traits, distance
 from .symmetry import tied_values
 
 #: largest parameter (in entries) whose non-commuting linear sets are merged into one explicit
@@ -245,13 +245,23 @@ class ConeThenScale:
     ``K`` equally near) takes equal entries on its free entries (cones, scale, cones, scale)."""
 
     linear = False
-    writes_once = grad_writes_once = False
+    grad_writes_once = False
 
     def __init__(self, cones: list[Bound], scaler: Bound):
         self.cones, self.scaler = cones, scaler
         self.again = not scaler.traits.convex  # the sphere's zero units
+        # a ball scales a projected copy into the parameter: one write, and one pass fewer than
+        # scaling in place and copying back
+        self.scale_into_ = None if self.again else getattr(scaler, "scale_into_", None)
+        self.writes_once = self.scale_into_ is not None
 
     def project_(self, x):
+        if self.scale_into_ is not None:
+            y = x.clone()
+            for c in self.cones:
+                c.project_(y)
+            self.scale_into_(y, x)
+            return
         for _ in range(2 if self.again else 1):
             for c in self.cones:
                 c.project_(x)
@@ -601,6 +611,13 @@ class IntersectionBound(Bound):
         steps = (self.tangent is not None) + len(self.grad_rest)
         lone = self.tangent is None or self.tangent.grad_writes_once
         self._grad_once = steps == 0 or (steps == 1 and lone)
+        # the one member whose tangent projection is the intersection's (`MaxNorm & Fixed`: the
+        # Fixed), whose cheap measure of the removed part then serves the audit
+        projecting: list[Bound | None] = list(self.grad_rest)
+        if self.tangent is not None:  # a merged linear part is no one member's
+            projecting += self.tangent.grad_bounds if isinstance(self.tangent, InTurn) else [None]
+        only = projecting[0] if len(projecting) == 1 else None
+        self.grad_member = only if only is not None and only.traits.cheap_grad_gap else None
 
     def _traits(self) -> Traits:
         t = [b.traits for b in self.members]
@@ -617,6 +634,7 @@ class IntersectionBound(Bound):
             projects_grad=any(x.projects_grad for x in t),
             exact=exact,
             reduces=() if all(x.elementwise for x in t) else None,
+            cheap_grad_gap=self.grad_member is not None,
         )
 
     @property
@@ -636,8 +654,10 @@ class IntersectionBound(Bound):
             _on_copy(x, False, sweep)
 
     def residual(self, x, out=None):
-        """``sqrt(sum_i dist(x, C_i)^2)``, as the concatenation of the gaps to every member set."""
-        return torch.cat([b.gap(x).reshape(-1) for b in self.members])
+        """``sqrt(sum_i dist(x, C_i)^2)``: the distances to every member set, each in its family's
+        cheapest form, as one small tensor."""
+        wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return torch.stack([distance(b.residual(x)).to(wide) for b in self.members])
 
     # -- gradients and state ---------------------------------------------------------------------------
     def project_grad_(self, g, x):
@@ -648,6 +668,11 @@ class IntersectionBound(Bound):
                 b.project_grad_(h, x)
 
         _on_copy(g, self._grad_once, apply)
+
+    def grad_gap_entries(self, g, x, out=None):
+        if self.grad_member is None:  # only where traits.cheap_grad_gap
+            raise NotImplementedError
+        return self.grad_member.grad_gap_entries(g, x, out)
 
     def project_scale_(self, v):
         def apply(w):

@@ -13,17 +13,34 @@ import math
 import torch
 
 from ..errors import ConstraintError, describe
-from .base import Bound, Constraint, Dims, Traits, normalize_dims
+from .base import Bound, Constraint, Dims, GapSize, Traits, normalize_dims
 from .coordinate import BoxBound
 from .layout import output_dim
 
 
 # -- pure maths ---------------------------------------------------------------------------------
-def l2_ball_project_(x: torch.Tensor, radius: float, dims) -> None:
+def l2_ball_project_(x: torch.Tensor, radius: float, dims, out: torch.Tensor | None = None) -> None:
     """Project onto ``{x : ||x||_2 <= r}`` (per index of the dims not in ``dims``; ``dims=None``:
-    the whole tensor): ``x <- x * min(1, r / ||x||)``. Points inside are left bitwise as they are."""
+    the whole tensor): ``x <- x * min(1, r / ||x||)``, or into ``out`` (one write). Points inside
+    are left bitwise as they are."""
     norm = torch.linalg.vector_norm(x, 2, dim=dims, keepdim=True)
-    x.mul_(norm.reciprocal_().mul_(radius).clamp_max_(1.0))
+    torch.mul(x, norm.reciprocal_().mul_(radius).clamp_max_(1.0), out=x if out is None else out)
+
+
+def l2_ball_gap_size(x: torch.Tensor, radius: float, dims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(||x - P(x)||, max |x - P(x)|, per-unit distances)`` for the ball of `l2_ball_project_`,
+    from the units' norms, without forming the gap: a unit at norm ``n > r`` is off by
+    ``x_u (1 - r / n)``, whose norm is ``n - r`` and whose largest entry is ``max|x_u| (1 - r / n)``.
+    The largest entries are read (one more pass) only for units outside, none on a CPU when every
+    unit is inside (reading that costs no device sync there)."""
+    norm = torch.linalg.vector_norm(x, 2, dim=dims, keepdim=True)
+    over = (norm - radius).clamp_min_(0.0)
+    total = torch.linalg.vector_norm(over)
+    if over.numel() == 0 or (x.device.type == "cpu" and not bool(over.any())):
+        return total, total.new_zeros(()).to(x.dtype), over
+    shrink = (over / norm).nan_to_num_(nan=0.0)  # 1 - r / n outside; 0 inside (and for n = 0)
+    largest = torch.linalg.vector_norm(x, math.inf, dim=dims, keepdim=True)
+    return total, (largest * shrink).max(), over
 
 
 def unit_sphere_project_(x: torch.Tensor, dims) -> None:
@@ -248,11 +265,26 @@ class Simplex(Constraint):
 # ``dims`` is what one unit spans (None: the whole tensor), which is what ``traits.reduces`` says
 class L2BallBound(Bound):
     def __init__(self, constraint, name, param, dims, radius):
-        super().__init__(constraint, name, param, Traits(convex=True, reduces=dims, via_norms=True))
+        super().__init__(
+            constraint, name, param, Traits(convex=True, reduces=dims, via_norms=True, cheap_gap=True)
+        )
         self.dims, self.radius = dims, radius
 
     def project_(self, x):
         l2_ball_project_(x, self.radius, self.dims)
+
+    def scale_into_(self, y, out):
+        """``out <- P(y)``: the ball's projection of ``y`` written into ``out`` (an intersection's
+        cones projected ``y``, a copy of ``out``; this is its one write)."""
+        l2_ball_project_(y, self.radius, self.dims, out)
+
+    def gap_entries(self, x, out=None):
+        total, largest, _ = l2_ball_gap_size(x, self.radius, self.dims)
+        return GapSize(total, largest)
+
+    def residual(self, x, out=None):
+        # each unit's distance to its ball: a tensor of one entry per unit, whose norm is the distance
+        return l2_ball_gap_size(x, self.radius, self.dims)[2]
 
     def gap(self, x):
         # x - x * min(1, r / |x|) = x * max(0, 1 - r / |x|)

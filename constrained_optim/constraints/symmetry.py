@@ -68,17 +68,30 @@ def swap_flip(x: torch.Tensor, dims: tuple[int, ...], flip: tuple[int, ...]) -> 
     return x
 
 
-def symmetric_values(x, dims, flip) -> torch.Tensor:
-    """The projection onto ``{x : x = T(x)}``, ``(x + T(x)) / 2``, as a new tensor: bitwise
-    symmetric since ``+`` commutes."""
-    # a contiguous copy of T(x) first: adding a transposed view is several times slower. Out of
-    # place: for a transposed parameter T(x) may be x's own memory
-    return torch.add(x, swap_flip(x, dims, flip).contiguous()).mul_(0.5)
+def symmetric_project_(x, dims, flip, scratch: torch.Tensor | None = None) -> None:
+    """``x <- (x + T(x)) / 2``, written back once; ``scratch`` (contiguous, ``x``'s shape, not
+    ``x``'s memory) holds the temporary, so a caller projecting many tensors allocates once."""
+    t = scratch if scratch is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
+    _symmetric_into(x, dims, flip, t, x)
 
 
-def symmetric_project_(x, dims, flip) -> None:
-    """``x <- (x + T(x)) / 2``, written back once."""
-    x.copy_(symmetric_values(x, dims, flip))
+def _symmetric_into(x, dims, flip, t, out) -> None:
+    # T(x) copied contiguously first (torch's copy reads a transposed source in blocks; an
+    # element-wise op reading it directly is several times slower), then summed in place: entry
+    # (i, j) is x_ij + x_ji and (j, i) is x_ji + x_ij, bitwise equal since + commutes; the
+    # halving is the one write to ``out``
+    t.copy_(swap_flip(x, dims, flip))
+    t.add_(x)
+    torch.mul(t, 0.5, out=out)
+
+
+def _scratch_for(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One contiguous temporary per tensor of ``xs``, all views of one buffer (a group of
+    parameters shares a device and dtype, and is projected one tensor at a time)."""
+    if not xs:
+        return []
+    buf = xs[0].new_empty(max(x.numel() for x in xs))
+    return [buf[: x.numel()].view(x.shape) for x in xs]
 
 
 # -- Tied ------------------------------------------------------------------------------------------
@@ -251,6 +264,15 @@ class SymmetricBound(Bound):
 
     def project_(self, x):
         symmetric_project_(x, self.dims, self.flip)
+
+    @classmethod
+    def project_all_(cls, bounds, xs):
+        for b, x, t in zip(bounds, xs, _scratch_for(xs)):
+            symmetric_project_(x, b.dims, b.flip, t)
+
+    @classmethod
+    def project_grad_all_(cls, bounds, gs, xs):
+        cls.project_all_(bounds, gs)
 
     def gap(self, x):
         return (x - swap_flip(x, self.dims, self.flip)) * 0.5
