@@ -252,8 +252,14 @@ def test_step_interrupted_anywhere_leaves_every_parameter_on_its_set():
     for n in points(total):
         backward(model, opt)
         steps_before, inner_before = opt.steps_taken, len(inner_steps)
-        with pytest.raises(KeyboardInterrupt), InterruptAt(n):
-            opt.step()
+        mode = InterruptAt(n)
+        try:
+            with mode:
+                opt.step()
+        except KeyboardInterrupt:
+            pass
+        else:  # a step may make fewer calls than the twin's (the audit skips a pass when nothing is off)
+            assert mode.calls < n
         opt.check()  # never half-projected: every constrained parameter on its set
         assert torch.equal(model[3].weight, model[3].weight.T)
         assert opt.steps_taken - steps_before <= len(inner_steps) - inner_before <= 1

@@ -40,16 +40,20 @@ def _rank_keep(groups: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """The stable descending sort's first ``n`` of each row of ``groups`` (magnitudes), without a
     sort: an entry's rank is how many entries of its row are larger, plus how many equal ones
     come before it. Compared as the bits of the magnitudes (ordered as the values for
-    non-negative floats, NaN above inf, as the sort puts them), each pair once."""
-    keys = groups.view(_BITS[groups.element_size()]).unbind(-1)
-    rank = torch.zeros(groups.shape, dtype=torch.uint8, device=groups.device)
-    ranks = rank.unbind(-1)
+    non-negative floats, NaN above inf, as the sort puts them), each pair once; the ranks are
+    counted in one contiguous int8 plane per position (strided uint8 counters of the rows
+    themselves cost twice as much), starting from the position: ``rank_j = j - #{i < j : x_j >
+    x_i} + #{k > j : x_k > x_j}``."""
+    rows = groups.reshape(-1, m)
+    keys = rows.view(_BITS[rows.element_size()]).unbind(-1)
+    rank = torch.arange(m, dtype=torch.int8, device=groups.device).unsqueeze(1).repeat(1, rows.shape[0])
     for i in range(m):
         for j in range(i + 1, m):
-            later = keys[j] > keys[i]  # the later entry outranks only if strictly larger
-            ranks[i].add_(later)
-            ranks[j].add_(~later)
-    return rank.lt_(n).view(torch.uint8)
+            later = (keys[j] > keys[i]).view(torch.int8)  # the later entry outranks only if larger
+            rank[i].add_(later)
+            rank[j].sub_(later)
+    kept = rank.lt_(n).unbind(0)
+    return torch.stack(kept, dim=1).view(torch.uint8).view(groups.shape)
 
 
 # -- NMSparsity ------------------------------------------------------------------------------------
