@@ -222,6 +222,7 @@ def test_l2_ball_drift_and_residual_from_unit_norms_match_numpy(make, dims, dtyp
         expected = a - a * np.minimum(1.0, radius / norm)  # the gap, formed in float64
         assert float(d) == pytest.approx(np.linalg.norm(expected), rel=1e-5, abs=1e-12)
         assert float(m) == pytest.approx(np.abs(expected).max(), rel=1e-5, abs=1e-12)
+        assert np.allclose(np64(x), a - expected, rtol=1e-5, atol=1e-12)  # projected as usual
     residual, _ = residuals(bounds, xs)
     for x, r in zip(xs, residual):
         a = np64(x)
