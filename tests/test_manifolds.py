@@ -220,10 +220,130 @@ def test_polar_falls_back_to_the_svd_far_from_the_manifold_or_unconverged(monkey
     u, _, vh = torch.linalg.svd(far, full_matrices=False)
     torch.testing.assert_close(manifolds.polar_factor(far), u @ vh)
     near = manifolds.polar_factor(far) + 1e-3 * torch.randn(20, 30, generator=gen, dtype=torch.float64)
-    monkeypatch.setattr(manifolds, "NEWTON_MAX_ITER", 1)  # not enough from 1e-3
+    monkeypatch.setattr(manifolds, "NEWTON_MAX_ITER", 0)  # not enough from 1e-3
     assert manifolds.polar_near(near) is None
     u, _, vh = torch.linalg.svd(near, full_matrices=False)
     torch.testing.assert_close(manifolds.polar_factor(near), u @ vh)
     nan = near.clone()
     nan[0, 0] = float("nan")
     assert manifolds.polar_near(nan) is None
+
+
+# -- Orthogonal: the iteration against the SVD ------------------------------------------------------
+def _svd_polar(w: torch.Tensor) -> torch.Tensor:
+    """The polar factor from a float64 SVD (the reference, independent of the iteration)."""
+    u, _, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    return u @ vh
+
+
+def _near_point(shape, dtype, spectral, seed):
+    """``U S V^T`` with random orthonormal ``U``, ``V`` and singular values ``s_i = sqrt(1 + e_i)``,
+    ``e_i`` spread over ``[-spectral, spectral]`` (both ends taken): ``||W W^T - I||_2`` is
+    ``spectral`` (an Adam step of 1e-3 per entry on a 1024 x 1024 weight gives 0.055)."""
+    gen = torch.Generator().manual_seed(seed)
+    m, k = shape
+    r = min(m, k)
+    u, _ = torch.linalg.qr(torch.randn(m, r, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(k, r, generator=gen, dtype=torch.float64))
+    e = spectral * (2 * torch.rand(r, generator=gen, dtype=torch.float64) - 1)
+    e[0], e[1] = spectral, -spectral
+    return ((u * (1 + e).sqrt()) @ v.T).to(dtype)
+
+
+def _spectral_error(w: torch.Tensor) -> float:
+    m = w.double()
+    g = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    return float(torch.linalg.matrix_norm(g - torch.eye(g.shape[0], dtype=g.dtype), 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(64, 64), (32, 96), (96, 32), (256, 256)], ids=str)
+@pytest.mark.parametrize("spectral", [1e-5, 3e-3, 0.055, 0.2])
+def test_polar_iteration_from_an_adam_sized_step_is_the_svd_polar_factor(shape, dtype, spectral):
+    """The fast path (no SVD) from near points, entry by entry against the float64 SVD's
+    ``U V^T``: within 8 eps (measured at most 4.4 eps, 3x5 to 1024x1024)."""
+    from constrained_optim.constraints import manifolds
+
+    w = _near_point(shape, dtype, spectral, seed=shape[0] + int(spectral * 1e6))
+    eps = torch.finfo(dtype).eps
+    assert abs(_spectral_error(w) - spectral) < 0.01 * spectral + 100 * eps  # the size asked
+    out = manifolds._polar_near(w)
+    assert out is not None
+    q, distance = out
+    assert float((q.double() - _svd_polar(w)).abs().max()) <= 8 * eps
+    assert _spectral_error(q) <= 16 * eps
+    if distance is not None:  # measured from the Gram matrix that verified it
+        s = torch.linalg.svdvals(q.double())
+        true = float((s - 1).norm())
+        assert abs(float(distance) - true) <= 4 * eps * max(shape) ** 0.5
+
+
+def test_polar_iteration_takes_a_second_step_where_the_bound_does_not_prove_the_first(monkeypatch):
+    """From ``||E||_2 = 0.3`` one degree-4 step leaves ``|e| ~ 0.25 * 0.3^5 = 6e-4``: not within
+    rounding, and ``(3/4) r^2`` is above eps, so a second step is taken; from 0.02 the first
+    step's result is accepted (verified by its Gram matrix) or proved by one Newton-Schulz step."""
+    from constrained_optim.constraints import manifolds
+
+    far_enough = _near_point((48, 80), torch.float32, 0.3, seed=5)
+    near = _near_point((48, 80), torch.float32, 0.02, seed=6)
+    eps = torch.finfo(torch.float32).eps
+    # the error after one step, from the exact maths: every |e'| = |(1 + e) p(e)^2 - 1| at the
+    # eigenvalues e of E, p the degree-4 Taylor polynomial of (1 + e)^(-1/2)
+    m = far_enough.double()
+    e = torch.linalg.eigvalsh(m @ m.T - torch.eye(48, dtype=torch.float64))
+    p = 1 - e / 2 + 3 * e**2 / 8 - 5 * e**3 / 16 + 35 * e**4 / 128
+    after = float(((1 + e) * p**2 - 1).abs().max())
+    assert 0.75 * after**2 > eps and after > 16 * eps * 80**0.5
+    calls = []
+    real = manifolds._gram_error
+    monkeypatch.setattr(manifolds, "_gram_error", lambda x, rows: calls.append(1) or real(x, rows))
+    for w, grams in ((far_enough, 3), (near, 2)):
+        calls.clear()
+        q = manifolds.polar_near(w)
+        assert q is not None and len(calls) == grams
+        assert float((q.double() - _svd_polar(w)).abs().max()) <= 8 * eps
+    monkeypatch.setattr(manifolds, "NEWTON_MAX_ITER", 1)
+    assert manifolds.polar_near(far_enough) is None  # a second step needed, not allowed
+    assert manifolds.polar_near(near) is not None
+
+
+def test_polar_falls_back_to_the_svd_where_the_iteration_does_not_converge():
+    """A near-singular matrix: every entry of ``W W^T - I`` is small (so the iteration starts)
+    but one eigenvalue is near -1, where ``(1 + e)^(-1/2)`` has no useful polynomial: the
+    iteration gives up and the SVD's polar factor is returned."""
+    from constrained_optim.constraints import manifolds
+
+    gen = torch.Generator().manual_seed(7)
+    u, _, vh = torch.linalg.svd(torch.randn(64, 64, generator=gen, dtype=torch.float64))
+    s = torch.ones(64, dtype=torch.float64)
+    s[0] = 1e-3
+    w = (u * s) @ vh
+    m = w @ w.T - torch.eye(64, dtype=torch.float64)
+    assert float(m.abs().max()) < manifolds.NEWTON_START
+    assert manifolds.polar_near(w) is None
+    torch.testing.assert_close(manifolds.polar_factor(w), u @ vh, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_orthogonal_residual_is_the_distance_to_the_polar_factor(dtype):
+    """The audit's residual (from the Gram matrix) against ``||S - I||_F`` of a float64 SVD:
+    at a projected point, at a point slightly off (measured again, not remembered), and far off
+    (``x - P(x)``)."""
+    bound = bound_of(co.Orthogonal(), (40, 3, 2, 2), dtype)
+    gen = torch.Generator().manual_seed(8)
+    eps = torch.finfo(dtype).eps
+
+    def true(x):
+        return float((torch.linalg.svdvals(x.double().reshape(40, -1)) - 1).norm())
+
+    with torch.no_grad():
+        x = torch.randn(40, 3, 2, 2, generator=gen, dtype=dtype)
+        bound.project_(x)
+        at = float(torch.linalg.vector_norm(bound.residual(x)))
+        assert abs(at - true(x)) <= 4 * eps * 40**0.5
+        x.add_(1e-5 * torch.randn(x.shape, generator=gen, dtype=dtype))  # not through the bound
+        off = float(torch.linalg.vector_norm(bound.residual(x)))
+        assert off > 10 * at and abs(off - true(x)) <= 1e-3 * true(x) + 4 * eps * 40**0.5
+        x.mul_(2.0)
+        far = float(torch.linalg.vector_norm(bound.residual(x)))
+        assert abs(far - true(x)) <= 1e-5 * true(x)
