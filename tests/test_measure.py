@@ -1,7 +1,8 @@
 """The measuring primitives, against numpy float64 on the same tensors.
 
-Covers each path a tensor can take: large CPU tensors reduced one at a time through the reused
-scratch buffer, small ones in foreach batches, empty ones, half precision; direct gap forms
+Covers each path a tensor can take: CPU tensors reduced one at a time through the reused scratch
+buffer, others (tensor subclasses here, accelerators' tensors) in foreach batches, empty ones,
+half precision; direct gap forms
 (`Mask`, `Fixed`) and the change-the-projection-makes form (`Tied`, `Symmetric`), as the step's
 `AuditWatch` reads them around the one projection.
 """
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 import constrained_optim as co
-from constrained_optim.audit.measure import STREAM_NUMEL, Scratch, all_finite, fetch, norms
+from constrained_optim.audit.measure import Scratch, all_finite, fetch, norms
 from constrained_optim.audit.watch import AuditWatch
 from constrained_optim.binding import Group
 
@@ -49,8 +50,7 @@ def project_grads_measured_(kind, bounds, gs, xs, scratch):
     return [r for r, _ in pairs], [t for _, t in pairs]
 
 
-BIG = (300, 300)  # 90,000 entries: above STREAM_NUMEL, through the scratch buffer
-assert BIG[0] * BIG[1] >= STREAM_NUMEL
+BIG = (300, 300)  # 90,000 entries, through the scratch buffer
 
 
 def np64(t):
@@ -80,6 +80,14 @@ def test_norms_and_maxima_on_every_path():
         assert n.dtype == torch.float32 and math.isfinite(float(n))
     ns_only, none = norms(tensors)
     assert none == [] and [float(a) for a in ns_only] == [float(b) for b in ns]
+    # the batched path (one foreach kernel per batch) reads the same numbers
+    batched_n, batched_m = norms([t.as_subclass(Batched) for t in tensors], with_max=True)
+    assert [float(a) for a in batched_n] == pytest.approx([float(b) for b in ns], rel=1e-5)
+    assert [float(a) for a in batched_m] == [float(b) for b in ms]
+
+
+class Batched(torch.Tensor):
+    """A tensor subclass: `norms` batches it (as it does a DTensor's local tensors or a GPU's)."""
 
 
 def test_fetch_and_all_finite():
@@ -179,7 +187,7 @@ def test_scratch_views_are_reused_and_grow():
     assert a is s.like(torch.empty(BIG)) and a.shape == BIG
     bigger = s.like(torch.empty(400, 400))
     assert bigger.shape == (400, 400) and s.like(torch.empty(BIG)).data_ptr() == bigger.data_ptr()
-    assert s.like(torch.empty(10)) is None
+    assert s.like(torch.empty(10)).data_ptr() == bigger.data_ptr()  # any size shares the buffer
     assert s.like(torch.empty(BIG, dtype=torch.float64)).dtype == torch.float64
 
 
