@@ -67,16 +67,17 @@ def holds(have: Constraint, new: Constraint) -> bool:
 
 
 @torch.no_grad()
-def projection_writes(new: dict[nn.Parameter, Bound], optimizer: torch.optim.Optimizer):
+def projection_writes(new: dict[nn.Parameter, Bound], optimizer: torch.optim.Optimizer, true=lambda v: v):
     """The writes that project each parameter and the optimizer state held for it, computed on
-    copies; and the LBFGS states to restart (``(state dict, its new contents)``)."""
+    copies from the state's true values (``true(v)``: without the engine's filler); and the
+    LBFGS states to restart (``(state dict, its new contents)``)."""
     writes: Writes = []
     for param, bound in new.items():
         x = full(param).detach().clone()
         bound.project_(x)
         writes.append((local(param), local_part(param, x)))
         state = optimizer.state.get(param, {})
-        whole = {k: full(v) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+        whole = {k: full(true(v)) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
         for key, value in projected_state(bound, whole, x).items():
             writes.append((local(state[key]), local_part(state[key], value)))
     lbfgs = [

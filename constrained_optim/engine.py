@@ -1,6 +1,6 @@
 """The mechanism behind `ConstrainedOptimizer` and `constrain`: one engine per optimizer.
 
-One ``opt.step()``, in one line: ``cast check -> project grads (watched) -> inner step ->
+One ``opt.step()``, in one line: ``cast check -> filler -> project grads (watched) -> inner step ->
 project params (watched, always, even if the inner step raised) -> count -> audit / finite check
 -> log -> policy``.
 
@@ -10,7 +10,11 @@ project params (watched, always, even if the inner step raised) -> count -> audi
   happen in exactly one place (`stepping.project_grads`, `stepping.project_params`); watchers
   (`audit.watch`) only look;
 - the violation policy (`policy.ViolationPolicy`): tolerance, non-finite values, warn/raise/ignore;
-- checkpoints (`checkpoint`): the constraints' part, validated whole before anything loads.
+- checkpoints (`checkpoint`): the constraints' part, validated whole before anything loads;
+- the second-moment filler (`filler`): on CPU, held-at-zero entries of second moments kept
+  positive so ``sqrt`` never meets an exact 0 (no bit of the update changes), resolved at attach,
+  refreshed before a step only when the decay would take it below its floor, and never seen in a
+  state dict.
 
 `attach`, `load` and the projections of a step are transactions: results are computed on the
 side and committed at once (`transaction`), so on any exception, KeyboardInterrupt included,
@@ -35,6 +39,7 @@ from .binding import Binding
 from .constraints.base import Bound, Constraint
 from .distributed import is_sharded
 from .errors import ConstraintError, ConstraintViolation
+from .filler import Filler
 from .policy import ViolationPolicy, default_atol
 from .selection import ParamIndex, select
 from .sharding import ShardPlan, barrier, shard_bounds, world
@@ -74,6 +79,10 @@ class ConstraintEngine:
         self.audit = Audit()
         self.steps_taken = 0
         self._scratch = Scratch()  # reused buffers for the audit's parameter-sized temporaries
+        # held entries of CPU second moments kept positive (`filler`); their true 0 written back
+        # when the engine goes
+        self._filler = Filler(optimizer)
+        weakref.finalize(self, self._filler.release).atexit = False
         self._bind(Binding())
         self._inner_done = False
         self._done_hook = _mark_completed_steps(optimizer, self)
@@ -91,7 +100,9 @@ class ConstraintEngine:
         return self.policy.on_violation
 
     def _bind(self, binding: Binding) -> None:
+        plan = self._filler.planned(binding, self.optimizer)
         self.binding, self._shards = binding, ShardPlan(binding)
+        self._filler.commit(plan)
 
     def _sharded(self) -> bool:
         """Whether the optimizer holds sharded (DTensor) parameters: then `attach`, `project_` and
@@ -110,11 +121,13 @@ class ConstraintEngine:
         new, owners = resolve(items, self.binding, self.model, self.optimizer)
         if not new:
             return self
-        writes, lbfgs = projection_writes(new, self.optimizer)
+        # the state's true values (no filler), projected
+        writes, lbfgs = projection_writes(new, self.optimizer, self._filler.true_value)
         dsts = [d for d, _ in writes]
         srcs = [s for _, s in writes]
         binding = self.binding.replaced(shard_bounds(new), owners)
         view = ShardPlan(binding)
+        plan = self._filler.planned(binding, self.optimizer)
         with deferred_interrupts(), torch.no_grad():
             if dsts:
                 torch._foreach_copy_(dsts, srcs)  # one call: it runs whole or not at all
@@ -123,6 +136,7 @@ class ConstraintEngine:
                 state.clear()
                 state.update(fresh)
             self.binding, self._shards = binding, view
+            self._filler.commit(plan, rewritten=new)  # only the new parameters' plans change
         return self
 
     def detach(self, target) -> ConstraintEngine:
@@ -147,6 +161,7 @@ class ConstraintEngine:
         if is_initialisation_step(self.optimizer):
             return call(closure)
         self._follow_casts()
+        self._filler.refresh(self.optimizer)
         watch = AuditWatch(self._scratch) if self._audit_due() else FiniteWatch()
         if closure is None:
             self._project_grads(watch)
@@ -204,6 +219,7 @@ class ConstraintEngine:
                 shards.repair(self.optimizer, bad)
             else:
                 repair(binding, self.optimizer, bad)
+                self._filler.forget([binding.params[i] for i in bad])
         self._log()
         if bad:
             self.audit.note_nonfinite(step, [binding.names[i] for i in bad], [binding.labels[i] for i in bad])
@@ -283,8 +299,10 @@ class ConstraintEngine:
     def commit_load(self, plan: checkpoint.LoadPlan) -> None:
         binding = self.binding.replaced(plan.bounds)
         view = ShardPlan(binding)
-        with deferred_interrupts():  # plain Python only: nothing here can raise half-way
+        fill = self._filler.planned(binding, self.optimizer)
+        with deferred_interrupts():  # nothing here can raise half-way
             self.binding, self._shards = binding, view
+            self._filler.commit(fill)
             vars(self.audit).update(vars(plan.audit))
             self.steps_taken = plan.steps_taken
 
@@ -352,6 +370,7 @@ def make_engine(
         engine.attach_all(list((constraints or {}).items()))
     except BaseException:
         engine._done_hook.remove()
+        engine._filler.release()
         raise
     _ENGINES[optimizer] = weakref.ref(engine)
     return engine
@@ -362,3 +381,4 @@ def release(optimizer, engine: ConstraintEngine) -> None:
     if engine_of(optimizer) is engine:
         del _ENGINES[optimizer]
     engine._done_hook.remove()
+    engine._filler.release()  # the true 0 back in the state: later steps are the optimizer's own

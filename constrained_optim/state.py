@@ -8,6 +8,10 @@ projected onto the set. LBFGS's curvature history (flat vectors over all its par
 measured on the unconstrained problem) is dropped, so it restarts from the projected gradient.
 Other state not shaped like the parameter (Adafactor's factored rows and columns) is left as it
 is; the post-step projection covers those optimizers.
+
+The zeros on held entries are the true values; on CPU the engine keeps a positive filler in the
+live second moments there so that ``sqrt`` does not meet an exact 0 (`constrained_optim.filler`),
+and every state dict, attach and detach reads or writes the true 0 back.
 """
 
 from __future__ import annotations

@@ -94,8 +94,13 @@ def train(model, opt, steps, holds=None):
 
 
 def flat_state(opt):
-    """Every tensor of the wrapped optimizer's state, in parameter order."""
-    return [(k, v) for p in opt.param_groups[0]["params"] for k, v in sorted(opt.state[p].items())]
+    """Every tensor of the wrapped optimizer's state, in parameter order, as its state_dict gives
+    them: the true values (the live state may hold the CPU second-moment filler on held entries,
+    put there at other steps in a resumed run)."""
+    state = opt.optimizer.state_dict()["state"]
+    return [
+        (k, v) for i in range(len(opt.param_groups[0]["params"])) for k, v in sorted(state.get(i, {}).items())
+    ]
 
 
 def assert_same_run(m1, o1, m2, o2):

@@ -37,6 +37,9 @@ A `Bound` works in place on tensors shaped like its parameter, always under ``to
   distance to every member set, so an empty intersection shows);
 - ``partition(like)``: the set as held and (sign-)tied entries, if it is one (intersections of
   such sets are joined exactly); None otherwise;
+- ``held_zeros()``: the entries the set holds at exactly 0 where ``project_grad_`` leaves exactly 0
+  too, as `HeldZeros` (a free-entry mask or an index), or None (the default: none known). The
+  engine keeps CPU second-moment state positive there (`constrained_optim.filler`);
 - ``state_tensors()`` / ``check_state(tensors)`` / ``with_state(tensors)``: the bound's own data
   for checkpoints, validated (``(ok, reason)``) before a new bound is built from it; a bound is
   never changed in place by a load.
@@ -127,6 +130,50 @@ class Partition:
     group: torch.Tensor  # int64, one group id per entry
     weight: torch.Tensor  # float64 in {-1, 0, 1}
     held_value: torch.Tensor  # float64
+
+
+class HeldZeros:
+    """Entries of a parameter a set holds at exactly 0, whose projected gradient is exactly 0 too:
+    ``free``, a bool tensor broadcastable to the parameter (False on held entries; a `Mask`'s own
+    bytes, not a copy), or ``index``, an index expression of the held entries (a strided store for
+    ``Fixed((..., 1, 1), 0.0)``). Exactly one of the two is given."""
+
+    __slots__ = ("free", "index")
+
+    def __init__(self, free: torch.Tensor | None = None, index: tuple | None = None):
+        if (free is None) == (index is None):
+            raise ValueError("HeldZeros takes free or index, not both")
+        self.free = free
+        self.index = index
+
+    def put_(self, t: torch.Tensor, value: float) -> None:
+        """``t[held] = value`` in place, one pass."""
+        if self.free is not None:
+            torch.where(self.free, t, torch.tensor(value, dtype=t.dtype), out=t)
+        else:
+            t[self.index] = value
+
+    def zeroed(self, t: torch.Tensor) -> torch.Tensor:
+        """A copy of ``t`` with 0 on the held entries."""
+        if self.free is not None:
+            return torch.where(self.free, t, torch.zeros((), dtype=t.dtype))
+        out = t.clone()
+        out[self.index] = 0
+        return out
+
+    def all_zero(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is exactly 0 on every held entry (NaN is not)."""
+        if self.free is not None:
+            return not bool(torch.where(self.free, torch.zeros((), dtype=t.dtype), t).any())
+        return not bool(t[self.index].any())
+
+    def free_mask(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """The free entries as a new bool tensor of ``shape`` (CPU)."""
+        if self.free is not None:
+            return self.free.expand(shape).clone()
+        out = torch.ones(shape, dtype=torch.bool)
+        out[self.index] = False
+        return out
 
 
 class Constraint:
@@ -297,6 +344,12 @@ class Bound(ABC):
         """The set as held and (sign-)tied entries over ``like``'s flattened shape, or None."""
         return None
 
+    def held_zeros(self) -> HeldZeros | None:
+        """The entries held at exactly 0 whose projected gradient (``project_grad_``) is exactly
+        0 as well, or None if there are none (or the family does not say). Called once per bound,
+        at attach; a family that holds entries at 0 overrides it."""
+        return None
+
     # -- many parameters at once ----------------------------------------------------------------------
     # The step calls these once per group of same-type bounds on one device and dtype. The
     # defaults loop; a family whose maths is element-wise overrides them with ``torch._foreach_*``
@@ -455,6 +508,9 @@ class LowPrecisionBound(Bound):
 
     def partition(self, like):
         return self.inner.partition(like)
+
+    def held_zeros(self):
+        return self.inner.held_zeros()
 
     def state_tensors(self):
         return self.inner.state_tensors()

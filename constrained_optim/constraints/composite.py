@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from ..errors import ConstraintError, describe
-from .base import Bound, Constraint, LowPrecisionBound, Partition, Traits, distance
+from .base import Bound, Constraint, HeldZeros, LowPrecisionBound, Partition, Traits, distance
 from .symmetry import tied_values
 
 #: largest parameter (in entries) whose non-commuting linear sets are merged into one explicit
@@ -690,6 +690,33 @@ class IntersectionBound(Bound):
             b.repair_(t)
         if isinstance(self.tangent, Joined):
             self.tangent.repair_(t)
+
+    def held_zeros(self):
+        """The members' held zeros (and a joined partition's), where one pass projects the set;
+        confirmed on a probe: a projected point and a projected gradient are exactly 0 there."""
+        if not (self.one_pass and self.traits.projects_grad):
+            return None
+        parts = [h for b in self.members if (h := b.held_zeros()) is not None]
+        joined = self.tangent
+        if isinstance(joined, Joined) and joined.held is not None:
+            held = joined.held if joined.x0 is None else joined.held & (joined.x0 == 0)
+            parts.append(HeldZeros(free=~held.view(self.shape)))
+        if not parts:
+            return None
+        if len(parts) == 1:
+            found = parts[0]
+        else:
+            free = parts[0].free_mask(self.shape)
+            for h in parts[1:]:
+                free &= h.free_mask(self.shape)
+            found = HeldZeros(free=free)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(self.shape, generator=gen, dtype=self.like.dtype)
+        g = torch.randn(self.shape, generator=gen, dtype=self.like.dtype)
+        with torch.no_grad():
+            self.project_(x)
+            self.project_grad_(g, x)
+        return found if found.all_zero(x) and found.all_zero(g) else None
 
     # -- checkpoints: each member's data under its position, "0.keep" ---------------------------------
     def state_tensors(self):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import ConstraintError, describe
-from .base import Bound, Constraint, Partition, TensorLike, Traits, finite_or_raise
+from .base import Bound, Constraint, HeldZeros, Partition, TensorLike, Traits, finite_or_raise
 
 
 # -- pure maths ---------------------------------------------------------------------------------
@@ -143,6 +143,10 @@ class MaskBound(Bound):
 
     def repair_(self, t):
         t.masked_fill_(self.keep == 0, 0)  # not a multiply: inf * 0 would leave NaN
+
+    def held_zeros(self):
+        # keep is 0/1 uint8: its bytes read as bool are the free entries, no copy
+        return None if bool(self.keep.all()) else HeldZeros(free=self.keep.view(torch.bool))
 
     def partition(self, like):
         n = like.numel()
@@ -290,6 +294,14 @@ class FixedBound(Bound):
 
     def repair_(self, t):
         t[self.index] = 0  # a store, whatever t held there; the projection then puts the values
+
+    def held_zeros(self):
+        if not bool(self.values.any()):  # every held value 0: the index itself, a strided store
+            count = torch.empty(self.shape, device="meta")[self.index].numel()
+            return HeldZeros(index=self.index) if count else None
+        free = torch.ones(self.shape, dtype=torch.bool, device=self.values.device)
+        free[self.index] = self.values != 0
+        return None if bool(free.all()) else HeldZeros(free=free)
 
     def partition(self, like):
         n, device = like.numel(), like.device

@@ -19,6 +19,7 @@ from .base import (
     Bound,
     Constraint,
     Dims,
+    HeldZeros,
     Partition,
     TensorLike,
     Traits,
@@ -169,6 +170,10 @@ class TiedBound(Bound):
     def repair_(self, t):
         if self.held is not None:  # an orbit reached with both signs is held at 0
             t.masked_fill_(self.held, 0)
+
+    def held_zeros(self):
+        # the pattern's held entries, repeated over the leading dims (a broadcast)
+        return None if self.held is None else HeldZeros(free=~self.held)
 
     def partition(self, like):
         n, p, device = like.numel(), self.group_ids.numel(), like.device
