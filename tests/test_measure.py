@@ -1,8 +1,8 @@
 """The measuring primitives, against numpy float64 on the same tensors.
 
-Covers each path a tensor can take: CPU tensors reduced one at a time through the reused scratch
-buffer, others (tensor subclasses here, accelerators' tensors) in foreach batches, empty ones,
-half precision; direct gap forms
+Covers each path a tensor can take: large CPU tensors reduced one at a time through the reused
+scratch buffer, small ones and tensor subclasses (as an accelerator's tensors) in foreach batches,
+empty ones, half precision; direct gap forms
 (`Mask`, `Fixed`) and the change-the-projection-makes form (`Tied`, `Symmetric`), as the step's
 `AuditWatch` reads them around the one projection.
 """
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import constrained_optim as co
-from constrained_optim.audit.measure import Scratch, all_finite, fetch, norms
+from constrained_optim.audit.measure import STREAM_NUMEL, Scratch, all_finite, fetch, norms
 from constrained_optim.audit.watch import AuditWatch
 from constrained_optim.binding import Group
 
@@ -50,7 +50,8 @@ def project_grads_measured_(kind, bounds, gs, xs, scratch):
     return [r for r, _ in pairs], [t for _, t in pairs]
 
 
-BIG = (300, 300)  # 90,000 entries, through the scratch buffer
+BIG = (300, 300)  # 90,000 entries: above STREAM_NUMEL, through the scratch buffer
+assert BIG[0] * BIG[1] >= STREAM_NUMEL
 
 
 def np64(t):
@@ -187,7 +188,7 @@ def test_scratch_views_are_reused_and_grow():
     assert a is s.like(torch.empty(BIG)) and a.shape == BIG
     bigger = s.like(torch.empty(400, 400))
     assert bigger.shape == (400, 400) and s.like(torch.empty(BIG)).data_ptr() == bigger.data_ptr()
-    assert s.like(torch.empty(10)).data_ptr() == bigger.data_ptr()  # any size shares the buffer
+    assert s.like(torch.empty(10)) is None and s.like(torch.empty(STREAM_NUMEL)) is not None
     assert s.like(torch.empty(BIG, dtype=torch.float64)).dtype == torch.float64
 
 

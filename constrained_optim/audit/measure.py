@@ -17,9 +17,12 @@ import torch
 
 from ..constraints.base import GapSize
 
-# on an accelerator tensors are reduced by one foreach kernel per batch of about this many bytes;
-# on a CPU each is reduced on its own, as it comes (a CPU's foreach is a loop of the same kernels)
+# tensors are reduced by one foreach kernel per batch of about this many bytes, except that on a
+# CPU a tensor of at least STREAM_NUMEL entries is reduced on its own, as it comes, while it is in
+# cache (its gap through the reused `Scratch`); smaller ones cost more in per-call overhead than in
+# memory traffic, which one foreach call per batch saves
 BATCH_BYTES = 256 * 2**20
+STREAM_NUMEL = 1 << 14
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -29,9 +32,11 @@ class Scratch:
     A fresh tensor of more than glibc's mmap threshold every audited step is returned to the OS
     when freed and page-faulted back in on the next, which can cost more than the arithmetic it
     holds. One flat buffer per dtype, as large as the largest tensor asked for, serves every gap
-    in turn: each is reduced before the next is written, which `norms` guarantees on a CPU.
-    Accelerators' caching allocators already reuse memory, and tensor subclasses (DTensor) need
-    their own outputs. For those ``like`` returns None and the gap is allocated as usual.
+    in turn: each is reduced before the next is written, which `norms` guarantees on a CPU for
+    tensors of at least `STREAM_NUMEL` entries (smaller ones may wait in a batch, and come from the
+    allocator's free lists cheaply). Accelerators' caching allocators already reuse memory, and
+    tensor subclasses (DTensor) need their own outputs. For all of those ``like`` returns None and
+    the gap is allocated as usual.
     """
 
     def __init__(self):
@@ -39,7 +44,7 @@ class Scratch:
         self._views: dict[tuple, torch.Tensor] = {}
 
     def like(self, t: torch.Tensor) -> torch.Tensor | None:
-        if t.device.type != "cpu" or type(t) not in _PLAIN:
+        if t.numel() < STREAM_NUMEL or t.device.type != "cpu" or type(t) not in _PLAIN:
             return None
         key = (t.dtype, t.shape)
         view = self._views.get(key)
@@ -77,10 +82,11 @@ def norms(tensors: Iterable[torch.Tensor | GapSize], with_max: bool = False):
     (a `GapSize` among ``tensors`` is taken as it is).
 
     ``tensors`` may be a generator of temporaries: they are reduced and released as they come,
-    so the memory alive at once stays small. On a CPU each tensor is reduced on its own, while it
-    is still in cache (and before the next gap is written into a shared `Scratch`); on an
-    accelerator they go in batches (one foreach kernel per batch of up to `BATCH_BYTES`, which
-    saves launches). ``max`` is an empty list unless ``with_max``.
+    so the memory alive at once stays small. On a CPU a tensor of at least `STREAM_NUMEL` entries
+    is reduced on its own, while it is still in cache (and before the next gap is written into a
+    shared `Scratch`); the rest go in batches (one foreach kernel per batch of up to
+    `BATCH_BYTES`, which saves launches on an accelerator and Python calls everywhere). ``max`` is
+    an empty list unless ``with_max``.
     """
     ns: list[torch.Tensor] = []
     ms: list[torch.Tensor] = []
@@ -95,7 +101,7 @@ def norms(tensors: Iterable[torch.Tensor | GapSize], with_max: bool = False):
         ns.extend(torch._foreach_norm(batch, 2, dtype=torch.float32 if low else None))
         if with_max:
             if batch[0].device.type == "cpu":  # torch's CPU inf-norm is 6-12x slower than aminmax
-                ms.extend(_abs_max(t) for t in batch)  # (a CPU batch: tensor subclasses)
+                ms.extend(_abs_max(t) for t in batch)
             else:
                 ms.extend(torch._foreach_norm(batch, math.inf))
         batch, size = [], 0
@@ -113,7 +119,7 @@ def norms(tensors: Iterable[torch.Tensor | GapSize], with_max: bool = False):
             if with_max:
                 ms.append(t.new_zeros(()))
             continue
-        if t.device.type == "cpu" and type(t) in _PLAIN:
+        if t.device.type == "cpu" and t.numel() >= STREAM_NUMEL and type(t) in _PLAIN:
             flush()
             if with_max:
                 m = _abs_max(t)
