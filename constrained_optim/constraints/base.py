@@ -39,7 +39,7 @@ A `Bound` works in place on tensors shaped like its parameter, always under ``to
   such sets are joined exactly); None otherwise;
 - ``held_zeros()``: the entries the set holds at exactly 0 where ``project_grad_`` leaves exactly 0
   too, as `HeldZeros` (a free-entry mask or an index), or None (the default: none known). The
-  engine keeps CPU second-moment state positive there (`constrained_optim.filler`);
+  engine keeps CPU second-moment state positive there (``constrained_optim.filler``);
 - ``state_tensors()`` / ``check_state(tensors)`` / ``with_state(tensors)``: the bound's own data
   for checkpoints, validated (``(ok, reason)``) before a new bound is built from it; a bound is
   never changed in place by a load.
