@@ -3,6 +3,7 @@ and never seen from outside (state dicts, checkpoints, detach, remove, attach, r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 
@@ -45,18 +46,25 @@ def train(opt, model, steps, x=None):
         opt.step()
 
 
-def run(make, constraint, *, fill=True, steps=55, **kw):
+@contextlib.contextmanager
+def filling(fill: bool):
+    """Engines made inside fill (the default) or not (no optimizer class is planned)."""
     saved = filler.FILLED
     if not fill:
         filler.FILLED = {}
     try:
+        yield
+    finally:
+        filler.FILLED = saved
+
+
+def run(make, constraint, *, fill=True, steps=55, **kw):
+    with filling(fill):
         torch.manual_seed(0)
         model = torch.nn.Linear(16, 8)
         opt = co.ConstrainedOptimizer(make(model.parameters(), **kw), model, {"weight": constraint})
         train(opt, model, steps)
         return model, opt
-    finally:
-        filler.FILLED = saved
 
 
 def filled(opt) -> bool:
@@ -172,18 +180,13 @@ def test_state_dict_is_true_and_later_steps_do_not_change_it():
 
 def test_constrain_handle_checkpoints_are_true():
     def go(fill):
-        saved = filler.FILLED
-        if not fill:
-            filler.FILLED = {}
-        try:
+        with filling(fill):
             torch.manual_seed(0)
             model = torch.nn.Linear(16, 8)
             adam = torch.optim.Adam(model.parameters(), lr=0.01)
             co.constrain(adam, model, {"weight": co.Mask(MASK)})
             train(adam, model, 30)
             return model, adam
-        finally:
-            filler.FILLED = saved
 
     (m1, a1), (m2, a2) = go(True), go(False)
     assert torch.equal(m1.weight, m2.weight)
