@@ -277,6 +277,9 @@ class LocalShardBound(Bound):
     def project_(self, x):
         self.local.project_(local(x))
 
+    def project_measured_(self, x, out=None):
+        return self.local.project_measured_(local(x))
+
     def gap(self, x):
         return self.local.gap(local(x))
 
@@ -381,7 +384,7 @@ class NormShardBound(Bound):
 
     def __init__(self, whole: Bound, lay: Layout):
         # the gap is measured from the units' global norms (`gap`), never from a shard's alone
-        traits = dataclasses.replace(whole.traits, cheap_gap=False)
+        traits = dataclasses.replace(whole.traits, cheap_gap=False, measured_projection=False)
         super().__init__(whole.constraint, whole.name, _meta(lay.shape), traits)
         self.whole = whole
         self.family = type(whole)

@@ -45,9 +45,16 @@ def project_params(groups, watch) -> BaseException | None:
         projected = False
         try:
             token = watch.before_params(group)
-            group.kind.project_all_(group.bounds, group.params)
+            closed = None
+            if watch.measures(group):  # the projection measures the gap it closes, bit for bit the same
+                closed = [
+                    watch.closed_size(b.project_measured_(x, watch.out_for(x)))
+                    for b, x in zip(group.bounds, group.params)
+                ]
+            else:
+                group.kind.project_all_(group.bounds, group.params)
             projected = True
-            watch.after_params(group, token)
+            watch.after_params(group, token, closed)
         except BaseException as err:  # noqa: BLE001 - re-raised by the caller
             first = first or err
             if not projected:
@@ -59,10 +66,13 @@ def project_params(groups, watch) -> BaseException | None:
 class NoWatch:
     """A watcher that looks at nothing (``project_()`` outside a step)."""
 
+    def measures(self, group) -> bool:
+        return False
+
     def before_params(self, group):
         return None
 
-    def after_params(self, group, token) -> None:
+    def after_params(self, group, token, closed=None) -> None:
         pass
 
 

@@ -12,7 +12,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import constrained_optim as co
-from constrained_optim.constraints.base import Bound
+from constrained_optim.constraints.base import Bound, GapSize
 
 from cases import CASES, Case
 
@@ -60,6 +60,28 @@ def test_gap_is_x_minus_projection(case, dtype):
     bound, _ = bound_for(case, dtype)
     for x in random_points(case, dtype, 3):
         torch.testing.assert_close(bound.gap(x), x - projected(bound, x), rtol=0, atol=tol(dtype, 3))
+
+
+MEASURED = [c for c in CASES if bound_for(c, torch.float32)[0].traits.measured_projection]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", MEASURED, ids=[c.id for c in MEASURED])
+def test_measured_projection_is_the_projection_and_measures_its_gap(case, dtype):
+    bound, _ = bound_for(case, dtype)
+    for x in random_points(case, dtype, 3):
+        y = x.clone()
+        with torch.no_grad():
+            closed = bound.project_measured_(y, torch.empty_like(y))
+        assert torch.equal(y, projected(bound, x))  # bit for bit what project_ does
+        gap = (x - projected(bound, x)).double()
+        if isinstance(closed, GapSize):
+            norm, largest = float(closed.norm), float(closed.max)
+        else:
+            norm, largest = float(closed.double().norm()), float(closed.abs().max())
+        scale = float(x.abs().max())
+        assert norm == pytest.approx(float(gap.norm()), rel=1e-5, abs=tol(dtype, scale))
+        assert largest == pytest.approx(float(gap.abs().max()), rel=1e-5, abs=tol(dtype, scale))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -21,15 +21,14 @@ import constrained_optim as co
 from constrained_optim.audit.measure import STREAM_NUMEL, Scratch, all_finite, fetch, norms
 from constrained_optim.audit.watch import AuditWatch
 from constrained_optim.binding import Group
+from constrained_optim.stepping import project_params
 
 
 def project_measured_(kind, bounds, xs, scratch):
     """The engine's parameter projection under an `AuditWatch`: ``(drift, drift_max)``."""
     watch = AuditWatch(scratch)
     group = Group(kind, bounds, xs, bounds[0].traits.projects_grad, xs[0].device, xs[0].dtype)
-    token = watch.before_params(group)
-    kind.project_all_(bounds, xs)
-    watch.after_params(group, token)
+    assert project_params([group], watch) is None
     project_measured_.last = watch
     return watch._drift, watch._drift_max
 

@@ -6,15 +6,16 @@ projection it calls a watcher's ``before_*`` and ``after_*``:
 - `FiniteWatch` (unaudited steps) keeps each parameter's norm after projection, so a NaN or inf
   is found with one batched reduction and one host read per step;
 - `AuditWatch` (audited steps) measures, on the real tensors, ``||g||`` and ``||g - P_T(g)||``
-  around the gradient projection, ``||x - P(x)||`` and ``max |x - P(x)|`` around the parameter
-  projection (from the family's cheap gap where ``traits.cheap_gap``, else from a copy taken
-  before it), the residual after it (no pass where ``traits.exact``: the projection put the
-  parameter on the set bitwise, so it is 0, or non-finite with the parameter) and ``||x||``.
+  around the gradient projection, ``||x - P(x)||`` and ``max |x - P(x)|`` of the parameter
+  projection (from the gap the projection itself returns where ``traits.measured_projection``,
+  from the family's cheap gap where ``traits.cheap_gap``, else from a copy taken before it), the
+  residual after it (no pass where ``traits.exact``: the projection put the parameter on the set
+  bitwise, so it is 0, or non-finite with the parameter) and ``||x||``.
   Every number stays a 0-d tensor until ``finish`` reads the whole step with one device-to-host
   copy per device.
 
-Either way the projections are the same calls with the same arguments, so auditing cannot
-change training.
+Either way the parameters get the same bits (a measured projection is the projection's own
+arithmetic, tested against it bit for bit), so auditing cannot change training.
 """
 
 from __future__ import annotations
@@ -42,10 +43,14 @@ class FiniteWatch:
     def after_grads(self, bounds, grads, token) -> None:
         pass
 
+    def measures(self, group: Group) -> bool:
+        """Whether the projection of ``group`` should measure the gap it closes."""
+        return False
+
     def before_params(self, group: Group):
         return None
 
-    def after_params(self, group: Group, token) -> None:
+    def after_params(self, group: Group, token, closed=None) -> None:
         if group.params:
             self._norms += norms(group.params)[0]
 
@@ -100,7 +105,23 @@ class AuditWatch(FiniteWatch):
                 self._blocked[id(bounds[i])] = (r, t)
 
     # -- parameters ----------------------------------------------------------------------------------
+    def measures(self, group: Group) -> bool:
+        # every bound of the group measures its own gap: its projection is the measuring pass
+        return all(b.traits.measured_projection for b in group.bounds)
+
+    def out_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A buffer shaped like ``x`` for a gap that `closed_size` reduces before the next."""
+        return self.scratch.like(x)
+
+    def closed_size(self, gap) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(norm, max)`` of a gap a measured projection returned, reduced now (it may lie in
+        the scratch buffer the next one reuses)."""
+        (n,), (m,) = norms([gap], with_max=True)
+        return n, m
+
     def before_params(self, group: Group):
+        if self.measures(group):
+            return None  # measured by the projection itself
         bounds, params = group.bounds, group.params
         cheap, rest = _split(bounds, "cheap_gap")
         measured = norms(
@@ -108,17 +129,13 @@ class AuditWatch(FiniteWatch):
         )
         return cheap, measured, rest, [params[i].clone() for i in rest]
 
-    def after_params(self, group: Group, token) -> None:
-        cheap, (cheap_norm, cheap_max), rest, before = token
-        drift: list = [None] * len(group.params)
-        drift_max: list = [None] * len(group.params)
-        for k, i in enumerate(cheap):
-            drift[i], drift_max[i] = cheap_norm[k], cheap_max[k]
-        if rest:
-            torch._foreach_sub_(before, [group.params[i] for i in rest])
-            rest_norm, rest_max = norms(_drain(before), with_max=True)
-            for k, i in enumerate(rest):
-                drift[i], drift_max[i] = rest_norm[k], rest_max[k]
+    def after_params(self, group: Group, token, closed=None) -> None:
+        """``closed``: the ``(norm, max)`` of each gap a measured projection closed (`measures`)."""
+        if closed is not None:
+            drift = [n for n, _ in closed]
+            drift_max = [m for _, m in closed]
+        else:
+            drift, drift_max = self._drifts(group, token)
         self._drift += drift
         self._drift_max += drift_max
         bounds, params = group.bounds, group.params
@@ -146,6 +163,19 @@ class AuditWatch(FiniteWatch):
             else:
                 self._norms.append(measured_norms[i])
                 self._residual.append(measured_residuals[i])
+
+    def _drifts(self, group: Group, token) -> tuple[list, list]:
+        cheap, (cheap_norm, cheap_max), rest, before = token
+        drift: list = [None] * len(group.params)
+        drift_max: list = [None] * len(group.params)
+        for k, i in enumerate(cheap):
+            drift[i], drift_max[i] = cheap_norm[k], cheap_max[k]
+        if rest:
+            torch._foreach_sub_(before, [group.params[i] for i in rest])
+            rest_norm, rest_max = norms(_drain(before), with_max=True)
+            for k, i in enumerate(rest):
+                drift[i], drift_max[i] = rest_norm[k], rest_max[k]
+        return drift, drift_max
 
     def columns(self, bounds) -> list[list[torch.Tensor]]:
         """``[drift, drift_max, residual, removed, total, ||x||]`` as columns of 0-d tensors per

@@ -32,6 +32,8 @@ A `Bound` works in place on tensors shaped like its parameter, always under ``to
 - ``gap(x)``: ``x - P(x)`` as a new tensor; ``gap_entries`` a cheaper form (``traits.cheap_gap``):
   the entries that can be non-zero, or the gap's norm and largest magnitude as a `GapSize` where
   the family knows them without forming the gap (an L2 ball's from its units' norms);
+- ``project_measured_(x)``: ``project_(x)`` returning the gap it closed
+  (``traits.measured_projection``), so an audited step needs no pass of its own for the drift;
 - ``residual(x)``: what is left off the set at a projected ``x`` (a tensor whose norm is the
   distance): ``gap(x)`` unless the family measures it otherwise (an intersection reports its
   distance to every member set, so an empty intersection shows);
@@ -90,6 +92,9 @@ class Traits:
       spheres), so a unit split across shards needs only an all-reduce of partial sums.
     - ``cheap_gap`` / ``cheap_grad_gap``: ``gap_entries`` / ``grad_gap_entries`` read fewer
       entries than a projection does (the audit measures with them).
+    - ``measured_projection``: ``project_measured_`` projects exactly as ``project_`` does and
+      returns the gap it closed from what the projection computes anyway (an L2 ball's unit
+      norms, an N:M pattern), so an audited step measures the drift in the projection's pass.
     """
 
     linear: bool = False
@@ -100,6 +105,7 @@ class Traits:
     via_norms: bool = False
     cheap_gap: bool = False
     cheap_grad_gap: bool = False
+    measured_projection: bool = False
 
     @property
     def elementwise(self) -> bool:
@@ -283,6 +289,7 @@ class Bound(ABC):
             ("projects_grad", "project_grad_"),
             ("cheap_gap", "gap_entries"),
             ("cheap_grad_gap", "grad_gap_entries"),
+            ("measured_projection", "project_measured_"),
         ):
             if getattr(traits, flag) and getattr(kind, method) is getattr(Bound, method):
                 raise TypeError(f"{kind.__name__} declares {flag} but does not implement {method}")
@@ -295,6 +302,12 @@ class Bound(ABC):
     @abstractmethod
     def project_(self, x: torch.Tensor) -> None:
         """``x <- P(x)`` in place, written back once."""
+
+    def project_measured_(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | GapSize:
+        """``project_(x)``, bit for bit, returning the gap it closed (``x - P(x)`` of the ``x``
+        it was given) as `gap_entries` does: the entries that can be non-zero (``out``, shaped like
+        ``x``, may hold them) or their `GapSize` (only where ``traits.measured_projection``)."""
+        raise NotImplementedError
 
     def gap(self, x: torch.Tensor) -> torch.Tensor:
         """``x - P(x)``; its norm is the distance from ``x`` to the set for exact projections."""
@@ -474,6 +487,12 @@ class LowPrecisionBound(Bound):
 
     def gap_entries(self, x, out=None):
         return self.inner.gap_entries(x.float())
+
+    def project_measured_(self, x, out=None):
+        y = x.float()
+        gap = self.inner.project_measured_(y)
+        x.copy_(y)
+        return gap
 
     def residual(self, x, out=None):
         return self.inner.residual(x.float())

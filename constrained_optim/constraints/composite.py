@@ -622,7 +622,7 @@ class IntersectionBound(Bound):
     def _traits(self) -> Traits:
         t = [b.traits for b in self.members]
         if len(t) == 1:  # the member's own, less the gap forms this bound does not forward
-            return dataclasses.replace(t[0], cheap_gap=False, cheap_grad_gap=False)
+            return dataclasses.replace(t[0], cheap_gap=False, cheap_grad_gap=False, measured_projection=False)
         block = self.blocks[0]
         exact = len(self.blocks) == 1 and (
             isinstance(block, Joined)

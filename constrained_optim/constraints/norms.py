@@ -29,11 +29,14 @@ def l2_ball_project_(x: torch.Tensor, radius: float, dims, out: torch.Tensor | N
 
 def l2_ball_gap_size(x: torch.Tensor, radius: float, dims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(||x - P(x)||, max |x - P(x)|, per-unit distances)`` for the ball of `l2_ball_project_`,
-    from the units' norms, without forming the gap: a unit at norm ``n > r`` is off by
-    ``x_u (1 - r / n)``, whose norm is ``n - r`` and whose largest entry is ``max|x_u| (1 - r / n)``.
-    The largest entries are read (one more pass) only for units outside, none on a CPU when every
-    unit is inside (reading that costs no device sync there)."""
-    norm = torch.linalg.vector_norm(x, 2, dim=dims, keepdim=True)
+    from the units' norms, without forming the gap."""
+    return _ball_gap(x, torch.linalg.vector_norm(x, 2, dim=dims, keepdim=True), radius, dims)
+
+
+def _ball_gap(x, norm, radius: float, dims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # a unit at norm n > r is off by x_u (1 - r / n): of norm n - r, largest entry max|x_u| (1 - r / n).
+    # The largest entries are read (one more pass) only for units outside, none on a CPU when every
+    # unit is inside (reading that costs no device sync there)
     over = (norm - radius).clamp_min_(0.0)
     total = torch.linalg.vector_norm(over)
     if over.numel() == 0 or (x.device.type == "cpu" and not bool(over.any())):
@@ -266,7 +269,10 @@ class Simplex(Constraint):
 class L2BallBound(Bound):
     def __init__(self, constraint, name, param, dims, radius):
         super().__init__(
-            constraint, name, param, Traits(convex=True, reduces=dims, via_norms=True, cheap_gap=True)
+            constraint,
+            name,
+            param,
+            Traits(convex=True, reduces=dims, via_norms=True, cheap_gap=True, measured_projection=True),
         )
         self.dims, self.radius = dims, radius
 
@@ -280,6 +286,13 @@ class L2BallBound(Bound):
 
     def gap_entries(self, x, out=None):
         total, largest, _ = l2_ball_gap_size(x, self.radius, self.dims)
+        return GapSize(total, largest)
+
+    def project_measured_(self, x, out=None):
+        # `l2_ball_project_`'s arithmetic on the same norms, which measure the gap on the way
+        norm = torch.linalg.vector_norm(x, 2, dim=self.dims, keepdim=True)
+        total, largest, _ = _ball_gap(x, norm, self.radius, self.dims)
+        x.mul_(norm.reciprocal_().mul_(self.radius).clamp_max_(1.0))
         return GapSize(total, largest)
 
     def residual(self, x, out=None):

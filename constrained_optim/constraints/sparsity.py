@@ -139,11 +139,20 @@ class NMBound(Bound):
     """The pattern chosen again at every projection; one unit is a group of ``m`` along ``dim``."""
 
     def __init__(self, constraint, name, param, dim):
-        super().__init__(constraint, name, param, Traits(exact=True, reduces=(dim,)))
+        super().__init__(
+            constraint, name, param, Traits(exact=True, reduces=(dim,), measured_projection=True)
+        )
         self.n, self.m, self.dim = constraint.n, constraint.m, dim
 
     def project_(self, x):
         x.mul_(nm_keep(x, self.n, self.m, self.dim))
+
+    def project_measured_(self, x, out=None):
+        # the pattern chosen once: the entries it drops are the gap (x - x * keep, into ``out``)
+        keep = nm_keep(x, self.n, self.m, self.dim)
+        gap = torch.addcmul(x, x, keep, value=-1, out=out)
+        x.mul_(keep)
+        return gap
 
     def gap(self, x):
         return x * (1 - nm_keep(x, self.n, self.m, self.dim))
