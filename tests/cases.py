@@ -296,6 +296,12 @@ def _in_ball(g, s, d, radius, p=2):
     return y / norm * radius * float(torch.rand((), generator=g, dtype=d))
 
 
+def _zero_centre(t):
+    t = t.clone()
+    t[..., 1, 1] = 0.0
+    return t
+
+
 def _in_unit_balls(g, s, d, radius, dims, p=2):
     y = torch.randn(s, generator=g, dtype=d)
     scale = torch.rand([1 if i in dims else n for i, n in enumerate(s)], generator=g, dtype=d)
@@ -586,6 +592,22 @@ NONLINEAR_CASES: list[Case] = [
         lambda x: max(_relu_max(-x), _tied_violation(x, TIED_LABELS)),
         convex=True,
         feasible=_tied_nonneg,
+    ),
+    Case(
+        "Intersection-maxnorm-centre",
+        lambda: co.MaxNorm(1.0) & co.Fixed((..., 1, 1), 0.0),
+        (4, 2, 3, 3),
+        lambda x: max(_ball_violation(x, 1.0, 2, (1, 2, 3)), _max(x[..., 1, 1])),
+        convex=True,
+        feasible=lambda g, s, d: _zero_centre(_in_unit_balls(g, s, d, 1.0, (1, 2, 3))),
+    ),
+    Case(
+        "Intersection-ball-mask",
+        lambda: co.NormBall(2.0) & co.Mask(MASK),
+        (4, 2, 3),
+        lambda x: max(_ball_violation(x, 2.0, 2), _max(x[..., ~MASK])),
+        convex=True,
+        feasible=lambda g, s, d: _in_ball(g, s, d, 2.0) * MASK,
     ),
     Case(
         "Intersection-ball-box",

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from ..errors import ConstraintError, describe
-from .base import Bound, Constraint, HeldZeros, LowPrecisionBound, Partition, Traits, distance
+from .base import Bound, Constraint, GapSize, HeldZeros, LowPrecisionBound, Partition, Traits, distance
 from .symmetry import tied_values
 
 #: largest parameter (in entries) whose non-commuting linear sets are merged into one explicit
@@ -608,6 +608,16 @@ class IntersectionBound(Bound):
             block = cone_plan(members, self.like)
             if block is not None:
                 self.blocks = [block]
+        # a ball with one cone that measures its own gap cheaply: the projection measures the
+        # whole gap (`project_measured_`)
+        block = self.blocks[0]
+        self.measured = (
+            isinstance(block, ConeThenScale)
+            and block.scale_into_ is not None
+            and hasattr(block.scaler, "scale_measured_into_")
+            and len(block.cones) == 1
+            and block.cones[0].traits.cheap_gap
+        )
         steps = (self.tangent is not None) + len(self.grad_rest)
         lone = self.tangent is None or self.tangent.grad_writes_once
         self._grad_once = steps == 0 or (steps == 1 and lone)
@@ -635,6 +645,7 @@ class IntersectionBound(Bound):
             exact=exact,
             reduces=() if all(x.elementwise for x in t) else None,
             cheap_grad_gap=self.grad_member is not None,
+            measured_projection=self.measured,
         )
 
     @property
@@ -652,6 +663,25 @@ class IntersectionBound(Bound):
                 self.sweeps = dykstra_(y, self.blocks, self.max_iter, self.tol)
 
             _on_copy(x, False, sweep)
+
+    def project_measured_(self, x, out=None):
+        """`project_` of a ball with one cone, measuring its gap on the way: the cone keeps or
+        zeroes each entry, so ``x - P(x)`` is the cone's gap on the entries it zeroes and the
+        ball's gap of ``P_K(x)`` on the rest (disjoint: their squared norms add, maxima compare)."""
+        block = self.blocks[0]
+        cone = block.cones[0]
+        closed = cone.gap_entries(x, out)  # read before x changes
+        if isinstance(closed, GapSize):
+            cone_norm, cone_max = closed
+        elif closed.numel() == 0:
+            cone_norm = cone_max = closed.new_zeros(())
+        else:
+            lo, hi = torch.aminmax(closed)
+            cone_norm, cone_max = torch.linalg.vector_norm(closed), torch.maximum(hi, -lo)
+        y = x.clone()  # as `ConeThenScale.project_`: the cone on a copy, scaled into x
+        cone.project_(y)
+        ball = block.scaler.scale_measured_into_(y, x)
+        return GapSize(torch.hypot(cone_norm, ball.norm), torch.maximum(cone_max, ball.max))
 
     def residual(self, x, out=None):
         """``sqrt(sum_i dist(x, C_i)^2)``: the distances to every member set, each in its family's

@@ -284,6 +284,13 @@ class L2BallBound(Bound):
         cones projected ``y``, a copy of ``out``; this is its one write)."""
         l2_ball_project_(y, self.radius, self.dims, out)
 
+    def scale_measured_into_(self, y, out) -> GapSize:
+        """`scale_into_`, bit for bit, returning the `GapSize` of ``y - P(y)``."""
+        norm = torch.linalg.vector_norm(y, 2, dim=self.dims, keepdim=True)
+        total, largest, _ = _ball_gap(y, norm, self.radius, self.dims)
+        torch.mul(y, norm.reciprocal_().mul_(self.radius).clamp_max_(1.0), out=out)
+        return GapSize(total, largest)
+
     def gap_entries(self, x, out=None):
         total, largest, _ = l2_ball_gap_size(x, self.radius, self.dims)
         return GapSize(total, largest)
