@@ -285,7 +285,8 @@ class L2BallBound(Bound):
         l2_ball_project_(y, self.radius, self.dims, out)
 
     def scale_measured_into_(self, y, out) -> GapSize:
-        """`scale_into_`, bit for bit, returning the `GapSize` of ``y - P(y)``."""
+        """`scale_into_`, bit for bit (`l2_ball_project_`'s arithmetic on the same norms), returning
+        the `GapSize` of ``y - P(y)`` from those norms."""
         norm = torch.linalg.vector_norm(y, 2, dim=self.dims, keepdim=True)
         total, largest, _ = _ball_gap(y, norm, self.radius, self.dims)
         torch.mul(y, norm.reciprocal_().mul_(self.radius).clamp_max_(1.0), out=out)
@@ -296,11 +297,7 @@ class L2BallBound(Bound):
         return GapSize(total, largest)
 
     def project_measured_(self, x, out=None):
-        # `l2_ball_project_`'s arithmetic on the same norms, which measure the gap on the way
-        norm = torch.linalg.vector_norm(x, 2, dim=self.dims, keepdim=True)
-        total, largest, _ = _ball_gap(x, norm, self.radius, self.dims)
-        x.mul_(norm.reciprocal_().mul_(self.radius).clamp_max_(1.0))
-        return GapSize(total, largest)
+        return self.scale_measured_into_(x, x)  # the projection in place, its gap read on the way
 
     def residual(self, x, out=None):
         # each unit's distance to its ball: a tensor of one entry per unit, whose norm is the distance
